@@ -1,0 +1,240 @@
+"""The `portwatch` command: a thin layer over the library.
+
+`main(argv) -> exit status`; nothing below it calls sys.exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any, NoReturn, TextIO
+
+from portwatch import __version__
+from portwatch.model import Listener, Proto, Snapshot
+from portwatch.proc import AccessDenied, ProcessGone, ProcFS
+from portwatch.procfs import ProcParseError
+from portwatch.render import (
+    LISTENER_HEADERS,
+    PROCESS_HEADERS,
+    ProcessPorts,
+    listener_json,
+    listener_rows,
+    process_ports_json,
+    process_rows,
+    table,
+)
+from portwatch.scan import SocketLister, Source, full_scan
+from portwatch.sockdiag import SockDiagUnavailable
+
+
+class ExitStatus(IntEnum):
+    OK = 0
+    NOT_FOUND = 1  # `who`: nothing listens on that port
+    USAGE = 2  # bad arguments (argparse's convention)
+    DATA_ERROR = 65  # EX_DATAERR: a /proc table we could not parse or read
+    CONFIG_ERROR = 78  # EX_CONFIG: the unit sets RestartPreventExitStatus=78
+
+
+PRIVILEGE_HINT = (
+    "portwatch: the owners of some sockets could not be identified "
+    "({denied} processes could not be inspected); run as root, or grant "
+    "CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(ExitStatus.USAGE)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a number 1-65535")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="portwatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"portwatch {__version__}")
+    parser.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def view(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument(
+            "--source",
+            choices=[s.value for s in Source],
+            default=Source.AUTO.value,
+            help="where to list sockets: sock_diag netlink, /proc/net, or netlink with "
+            "/proc/net as the fallback (default)",
+        )
+        return p
+
+    p_list = view("list", "every listening socket with every process holding it")
+    proto = p_list.add_mutually_exclusive_group()
+    proto.add_argument("--tcp", action="store_true", help="TCP listeners only")
+    proto.add_argument("--udp", action="store_true", help="UDP sockets only")
+    fam = p_list.add_mutually_exclusive_group()
+    fam.add_argument("-4", dest="ipv4", action="store_true", help="IPv4 only")
+    fam.add_argument("-6", dest="ipv6", action="store_true", help="IPv6 only")
+
+    p_who = view("who", "every process holding a listener on PORT (exit 1 when none)")
+    p_who.add_argument("port", type=_port, metavar="PORT")
+    p_who.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+
+    view("ps", "every process with the ports it listens on")
+
+    p_check = sub.add_parser("check", help="validate the config file and exit")
+    p_check.add_argument("--config", default=None, help="config file (default /etc/portwatch.yaml)")
+
+    p_run = sub.add_parser("run", help="watch listening sockets and enforce reserved ports")
+    p_run.add_argument("--config", default=None, help="config file (default /etc/portwatch.yaml)")
+    p_run.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console", "journal"],
+        default="auto",
+        help="journal when stdout/stderr is the journal, console on a TTY, else JSON lines",
+    )
+    p_run.add_argument(
+        "--source", choices=[s.value for s in Source], default=Source.AUTO.value,
+        help="where to list sockets (default: netlink, /proc/net as the fallback)",
+    )
+    p_run.add_argument("--state-dir", default=None, help="where to keep the last snapshot")
+    p_run.add_argument(
+        "--no-proc-events", action="store_true",
+        help="do not use the proc connector to rescan early when processes start",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # `portwatch list | head`: the reader left; not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitStatus.OK
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "check":
+        return _check(args)
+    if args.command == "run":
+        from portwatch.daemon import run_from_args  # noqa: PLC0415 (keeps one-shot views light)
+
+        return run_from_args(args)
+    procfs = ProcFS(args.proc)
+    lister = SocketLister(procfs, Source(args.source))
+    try:
+        if args.command == "ps":
+            return _ps(args, procfs, lister)
+        return _listeners(args, procfs, lister)
+    except (ProcParseError, SockDiagUnavailable) as exc:
+        sys.stderr.write(f"portwatch: {exc}\n")
+        return ExitStatus.DATA_ERROR
+
+
+def _check(args: argparse.Namespace) -> int:
+    from portwatch.config import DEFAULT_PATH, ConfigError, load_config  # noqa: PLC0415
+
+    try:
+        load_config(args.config or DEFAULT_PATH)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return ExitStatus.CONFIG_ERROR
+    sys.stdout.write("ok\n")
+    return ExitStatus.OK
+
+
+def _selection(args: argparse.Namespace) -> tuple[tuple[Proto, ...], tuple[int, ...]]:
+    if args.command == "who":
+        protocols = (Proto.UDP,) if args.udp else (Proto.TCP,)
+        return protocols, (4, 6)
+    protocols = (Proto.TCP,) if args.tcp else (Proto.UDP,) if args.udp else (Proto.TCP, Proto.UDP)
+    families = (4,) if args.ipv4 else (6,) if args.ipv6 else (4, 6)
+    return protocols, families
+
+
+def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
+    protocols, families = _selection(args)
+    snap = full_scan(procfs, lister, protocols, families)
+    listeners = snap.sorted()
+    if args.command == "who":
+        listeners = [x for x in listeners if x.socket.port == args.port]
+    _warn_fallback(lister)
+    _warn_unseen(snap, listeners)
+    if args.json:
+        _print_json([listener_json(x) for x in listeners])
+    elif listeners or args.command == "list":
+        users = {x.socket.uid: procfs.user_name(x.socket.uid) for x in listeners}
+        _print_table(LISTENER_HEADERS, listener_rows(listeners, users))
+    if args.command == "who" and not listeners:
+        return ExitStatus.NOT_FOUND
+    return ExitStatus.OK
+
+
+def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
+    table_read = lister.list((Proto.TCP, Proto.UDP), (4, 6))
+    by_inode = {s.inode: s for s in table_read.sockets if s.inode}
+    entries: list[ProcessPorts] = []
+    denied = 0
+    for pid in sorted(procfs.pids()):
+        info = procfs.process(pid)
+        if info is None:
+            continue
+        entry = ProcessPorts(info)
+        try:
+            fds = procfs.socket_fds(pid)
+        except ProcessGone:
+            continue
+        except AccessDenied:
+            entry.fds_readable = False
+            denied += 1
+        else:
+            held = {inode for inode in fds.values() if inode in by_inode}
+            entry.sockets = sorted((by_inode[i] for i in held), key=lambda s: (s.proto, s.port))
+        entries.append(entry)
+    _warn_fallback(lister)
+    if denied:
+        sys.stderr.write(PRIVILEGE_HINT.format(denied=denied) + "\n")
+    if args.json:
+        _print_json([process_ports_json(e) for e in entries])
+    else:
+        _print_table(PROCESS_HEADERS, process_rows(entries))
+    return ExitStatus.OK
+
+
+def _warn_fallback(lister: SocketLister) -> None:
+    if lister.fallback_reason:
+        sys.stderr.write(f"portwatch: netlink unavailable ({lister.fallback_reason}); read /proc/net\n")
+
+
+def _warn_unseen(snap: Snapshot, shown: list[Listener]) -> None:
+    if snap.denied_pids and any(not x.processes for x in shown):
+        sys.stderr.write(PRIVILEGE_HINT.format(denied=snap.denied_pids) + "\n")
+
+
+def _print_json(data: Any, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    # ensure_ascii: names that are not valid UTF-8 stay exact as \udcXX escapes
+    # and the output is always valid ASCII text.
+    json.dump(data, out, indent=2, ensure_ascii=True)
+    out.write("\n")
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    sys.stdout.write(table(headers, rows, width=width))

@@ -1,0 +1,381 @@
+"""The watcher: scan, diff, judge, report, run hooks; reload and stop on request.
+
+One thread runs the loop below; hooks run on the hook runner's threads. The
+loop sleeps in one `select` over a signal wake-up pipe, the config watcher's
+inotify fd and the proc connector, so a signal, a config edit or a new
+process wakes it at once. Signal handlers only set flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from portwatch.config import DEFAULT_PATH, Config, ConfigError, load_config
+from portwatch.events import change_event, describe, violation_event
+from portwatch.hooks import HookRunner, drop_ambient_capabilities
+from portwatch.log import EventLog, choose_format
+from portwatch.model import Listener, Snapshot
+from portwatch.notify import Notifier
+from portwatch.policy import Rule, evaluate
+from portwatch.proc import ProcFS
+from portwatch.procfs import ProcParseError
+from portwatch.scan import OwnerTracker, SocketLister, Source
+from portwatch.snapshot import ChangeKind, carry_forward, diff, owner_identity
+from portwatch.sockdiag import SockDiagUnavailable
+from portwatch.watch import ConfigWatcher
+
+EX_CONFIG = 78  # the unit's RestartPreventExitStatus=
+POLL_CONFIG_EVERY = 0.5  # seconds, when inotify is unavailable
+# After a fork or exec, rescan at this pace for a while: the new process
+# usually binds within a few hundred milliseconds of starting.
+EARLY_SCAN_PERIOD = 0.1
+EARLY_SCAN_WINDOW = 1.0
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        log: EventLog,
+        *,
+        procfs: ProcFS | None = None,
+        source: Source = Source.AUTO,
+        notifier: Notifier | None = None,
+        proc_events: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.log = log
+        self.procfs = procfs or ProcFS()
+        self.lister = SocketLister(self.procfs, source)
+        self.tracker = OwnerTracker(self.procfs)
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.hooks = HookRunner(
+            self.emit, max_parallel=config.max_parallel_hooks, cooldown=config.hook_cooldown
+        )
+        self.watcher = ConfigWatcher(config.path)
+        self.snapshot: Snapshot | None = None
+        self._taken: dict[int, frozenset[Any]] = {}  # inode -> owners when reported taken
+        self._stop = False
+        self._reload = False
+        self._degraded_said = False
+        self._hint_pids: set[int] = set()
+        self._early_until = 0.0
+        self._next_watchdog = 0.0
+        self._last_scan = 0.0
+        self._last_status = ""
+        self._proc_events: Any = None
+        self._proc_events_reason: str | None = "disabled by --no-proc-events"
+        if proc_events:
+            self._open_proc_events()
+
+    # -- output ----------------------------------------------------------------
+
+    def emit(self, event: str, fields: Mapping[str, Any] | None = None) -> None:
+        self.log.emit(event, fields)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def run(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = self._install_signals(wfd)
+        sel = selectors.DefaultSelector()
+        sel.register(rfd, selectors.EVENT_READ, "signal")
+        if self.watcher.fileno() is not None:
+            sel.register(self.watcher.fileno(), selectors.EVENT_READ, "config")  # type: ignore[arg-type]
+        if self._proc_events is not None:
+            sel.register(self._proc_events.fileno(), selectors.EVENT_READ, "proc")
+        try:
+            self._start()
+            self._loop(sel, rfd)
+        finally:
+            self._shutdown()
+            sel.close()
+            for fd in (rfd, wfd):
+                os.close(fd)
+            self._restore_signals(previous)
+        return 0
+
+    def _start(self) -> None:
+        self.tick(first=True)
+        snap = self.snapshot or Snapshot()
+        self.emit(
+            "portwatch_started",
+            {
+                "listeners": len(snap.listeners),
+                "config": self.config.path,
+                "reserved_rules": len(self.config.reserved),
+                "interval": self.config.interval,
+                "socket_source": "proc" if self.lister.fallback_reason or self.lister.source is Source.PROC else "netlink",
+                "netlink_unavailable": self.lister.fallback_reason,
+                "config_watch": self.watcher.mode,
+                "config_watch_fallback": self.watcher.fallback_reason,
+                "proc_events": self._proc_events is not None,
+                "proc_events_unavailable": self._proc_events_reason,
+                "pid": os.getpid(),
+            },
+        )
+        self._say_degraded(snap)
+        self.notifier.ready(self._status_text())
+
+    def _loop(self, sel: selectors.BaseSelector, rfd: int) -> None:
+        next_scan = self._last_scan + self.config.interval
+        while not self._stop:
+            now = self.clock()
+            wake = min(self._scan_due(next_scan, now), self._next_watchdog_at())
+            if self.watcher.mode == "polling":
+                wake = min(wake, now + POLL_CONFIG_EVERY)
+            for key, _ in sel.select(max(0.0, wake - now)):
+                if key.data == "signal":
+                    _drain(rfd)
+                elif key.data == "proc":
+                    self._on_proc_events()
+            if self._stop:
+                break
+            if self._reload or self.watcher.changed():
+                self.reload(signal_requested=self._reload)
+            now = self.clock()
+            if now >= self._scan_due(next_scan, now):
+                self.tick()
+                if now >= next_scan:
+                    # Keep the cadence; after a scan slower than the interval, start afresh.
+                    next_scan += self.config.interval
+                    if next_scan <= self._last_scan:
+                        next_scan = self._last_scan + self.config.interval
+            self._ping_watchdog()
+
+    def _scan_due(self, next_scan: float, now: float) -> float:
+        """The regular scan, or an early one while processes are starting."""
+        if self._early_until > now:
+            return min(next_scan, self._last_scan + EARLY_SCAN_PERIOD)
+        return next_scan
+
+    def _shutdown(self) -> None:
+        self.emit("portwatch_stopping", {"pid": os.getpid()})
+        self.notifier.stopping()
+        self.hooks.close(timeout=1.0)
+        self.watcher.close()
+        if self._proc_events is not None:
+            self._proc_events.close()
+        self.notifier.close()
+
+    def _install_signals(self, wfd: int) -> dict[int, Any]:
+        def on_stop(_sig: int, _frame: object) -> None:
+            self._stop = True
+
+        def on_hup(_sig: int, _frame: object) -> None:
+            self._reload = True  # repeated HUPs before the loop runs merge into one reload
+
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, on_stop),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, on_hup),
+        }
+        # The handler runs between bytecodes, but select() would just be
+        # restarted (PEP 475); the wake-up fd makes it return.
+        signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    # -- scanning --------------------------------------------------------------
+
+    def tick(self, *, first: bool = False) -> None:
+        """One scan: list, resolve owners, diff, judge, report."""
+        self._last_scan = self.clock()
+        config = self.config
+        protocols = sorted(config.protocols)
+        try:
+            table = self.lister.list(protocols, (4, 6))
+        except (ProcParseError, SockDiagUnavailable, OSError) as exc:
+            # Nothing is closed on a failed scan: the previous snapshot stands.
+            self.emit("scan_failed", {"error": str(exc)})
+            return
+        hints, self._hint_pids = self._hint_pids, set()
+        snap = self.tracker.update(
+            table.sockets, complete=table.complete, hint_pids=hints, on_progress=self._ping_watchdog
+        )
+        if table.errors:
+            self.emit("scan_failed", {"error": "; ".join(table.errors), "partial": True})
+        previous = self.snapshot
+        self.snapshot = snap if previous is None else carry_forward(previous, snap)
+        if previous is None:
+            self._judge(snap.listeners.values(), at_startup=True)
+        else:
+            self._report_changes(previous, snap)
+        if not first:
+            self._say_degraded(snap)
+        self._update_status()
+        if first:
+            self._next_watchdog = self._last_scan
+
+    def _report_changes(self, previous: Snapshot, snap: Snapshot) -> None:
+        changed: list[Listener] = []
+        for change in diff(previous, snap):
+            rule = self.config.rule_for(change.listener.socket.proto, change.listener.socket.port)
+            if change.kind is ChangeKind.CLOSED:
+                self._taken.pop(change.listener.socket.inode, None)
+            else:
+                changed.append(change.listener)
+            if self.config.log_listeners or rule is not None:
+                self.emit(*change_event(change, rule.name if rule else None))
+        self._judge(changed, at_startup=False)
+
+    def _judge(self, listeners: Iterable[Listener], *, at_startup: bool) -> None:
+        """Report each reserved port held by someone its rule does not allow, once per owner set."""
+        for listener in listeners:
+            sock = listener.socket
+            rule = self.config.rule_for(sock.proto, sock.port)
+            violation = evaluate(rule, listener) if rule is not None else None
+            if violation is None or rule is None:
+                self._taken.pop(sock.inode, None)
+                continue
+            identity = owner_identity(listener)
+            if self._taken.get(sock.inode) == identity:
+                continue
+            self._taken[sock.inode] = identity
+            name, fields = violation_event(violation, at_startup=at_startup)
+            self.emit(name, fields)
+            self._run_hooks(rule, {"event": name, **fields})
+
+    def _run_hooks(self, rule: Rule, event: dict[str, Any]) -> None:
+        for hook_name in rule.hooks:
+            spec = self.config.hooks[hook_name]
+            self.hooks.submit(
+                hook_name, spec.command, spec.timeout, event,
+                cooldown_key=(rule.name, event["proto"], event["port"]),
+            )
+
+    def _say_degraded(self, snap: Snapshot) -> None:
+        if snap.denied_pids and not self._degraded_said:
+            self._degraded_said = True
+            self.emit(
+                "degraded",
+                {
+                    "reason": f"{snap.denied_pids} processes could not be inspected; the owners of "
+                    "their sockets are reported as unresolved=permission_denied, never as allowed",
+                    "missing": "CAP_SYS_PTRACE CAP_DAC_READ_SEARCH" if os.geteuid() != 0 else
+                    "access refused even to root (security module or another pid namespace)",
+                    "denied_pids": snap.denied_pids,
+                },
+            )
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self, *, signal_requested: bool) -> None:
+        self._reload = False
+        self.notifier.reloading()
+        path = self.config.path
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            self.emit("config_rejected", {"path": path, "error": "; ".join(exc.problems)})
+            self.notifier.ready(self._status_text())
+            return
+        if new == self.config and not signal_requested:
+            self.notifier.ready(self._status_text())
+            return  # touched, not changed
+        self.config = new
+        self.hooks.configure(max_parallel=new.max_parallel_hooks, cooldown=new.hook_cooldown)
+        self.emit("config_reloaded", {"path": path, "reserved_rules": len(new.reserved)})
+        if self.snapshot is not None:
+            # New or changed rules apply to what is already listening.
+            self._taken.clear()
+            self._judge(self.snapshot.listeners.values(), at_startup=False)
+        self._update_status()
+        self.notifier.ready(self._status_text())
+
+    # -- proc connector and watchdog -------------------------------------------
+
+    def _open_proc_events(self) -> None:
+        try:
+            from portwatch.procconn import ProcConnector  # noqa: PLC0415 (optional feature)
+
+            self._proc_events = ProcConnector.open()
+            self._proc_events_reason = None
+        except PermissionError:
+            self._proc_events_reason = "needs CAP_NET_ADMIN; polling every interval"
+        except (OSError, ImportError) as exc:
+            self._proc_events_reason = f"proc connector unavailable ({exc}); polling every interval"
+
+    def _on_proc_events(self) -> None:
+        execs = []
+        for kind, pid in self._proc_events.read_events():
+            if kind in ("fork", "exec"):
+                self._hint_pids.add(pid)
+                if kind == "exec":
+                    execs.append(pid)
+            elif kind == "overrun":
+                self._hint_pids.clear()
+        if execs:
+            self.tracker.forget_processes(execs)
+        if self._hint_pids or execs:
+            self._early_until = self.clock() + EARLY_SCAN_WINDOW
+
+    def _next_watchdog_at(self) -> float:
+        interval = self.notifier.watchdog_interval  # already half of WatchdogSec=
+        return self._next_watchdog + interval if interval else float("inf")
+
+    def _ping_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval and self.clock() >= self._next_watchdog + interval:
+            self.notifier.watchdog()
+            self._next_watchdog = self.clock()
+
+    # -- status ----------------------------------------------------------------
+
+    def _status_text(self) -> str:
+        snap = self.snapshot or Snapshot()
+        when = datetime.now(UTC).strftime("%H:%M:%S UTC")
+        return f"watching {len(snap.listeners)} listeners, {len(self._taken)} reserved ports taken, last scan {when}"
+
+    def _update_status(self) -> None:
+        text = self._status_text()
+        if text != self._last_status:
+            self._last_status = text
+            self.notifier.status(text)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """`portwatch run`: refuse a bad config with its messages, then watch until stopped."""
+    path = args.config or DEFAULT_PATH
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EX_CONFIG
+    fmt = choose_format(args.log_format, os.environ, sys.stdout)
+    log = EventLog(fmt)
+    # Hooks must not inherit the capabilities the unit grants for reading /proc.
+    drop_ambient_capabilities()
+    daemon = Daemon(
+        config, log, source=Source(args.source), proc_events=not args.no_proc_events
+    )
+    try:
+        return daemon.run()
+    finally:
+        log.close()
+
+
+__all__ = ["Daemon", "describe", "run_from_args"]

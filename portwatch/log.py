@@ -1,0 +1,165 @@
+"""Event output through structlog: JSON lines, a console view, or journald fields.
+
+Every event is one line (or one journal entry). Values taken from processes
+are data: JSON escapes every control character, the console view escapes them
+with `portwatch.text.escape`, and journal fields carry the exact bytes with a
+framing that cannot start a second field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+from portwatch.events import describe, level_of
+from portwatch.journal import JOURNAL_SOCKET, MESSAGE_IDS, JournalSender, field_name, stream_is_journal
+from portwatch.text import escape
+
+FORMATS = ("auto", "json", "console", "journal")
+PRIORITY = {"error": "3", "warning": "4", "info": "6", "debug": "7"}
+
+EventDict = MutableMapping[str, Any]
+
+
+def choose_format(requested: str, env: Mapping[str, str], stdout: TextIO) -> str:
+    """auto: the journal when stdout/stderr is connected to it, console on a TTY, else JSON."""
+    if requested != "auto":
+        return requested
+    if stream_is_journal(env):
+        return "journal"
+    try:
+        return "console" if stdout.isatty() else "json"
+    except ValueError:  # closed stream
+        return "json"
+
+
+def _escape_values(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
+    return {k: _escape_deep(v) for k, v in event_dict.items()}
+
+
+def _escape_deep(value: Any) -> Any:
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, list | tuple):
+        return [_escape_deep(v) for v in value]
+    return value
+
+
+def _drop_none(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
+    return {k: v for k, v in event_dict.items() if v is not None or k == "event"}
+
+
+def journal_fields(event_dict: Mapping[str, Any]) -> list[tuple[str, str | bytes]]:
+    """The journal entry for one event: MESSAGE, PRIORITY, MESSAGE_ID and PORTWATCH_* fields."""
+    event = str(event_dict["event"])
+    level = str(event_dict.get("level", level_of(event)))
+    body = {k: v for k, v in event_dict.items() if k not in ("event", "level", "timestamp")}
+    fields: list[tuple[str, str | bytes]] = [
+        ("MESSAGE", escape(describe(event, dict(body)))),
+        ("PRIORITY", PRIORITY.get(level, "6")),
+        ("SYSLOG_IDENTIFIER", "portwatch"),
+        ("PORTWATCH_EVENT", event),
+    ]
+    if event in MESSAGE_IDS:
+        fields.append(("MESSAGE_ID", MESSAGE_IDS[event]))
+    for key, value in body.items():
+        name = field_name(key)
+        if name is None or value is None:
+            continue  # journald would drop an invalid name silently; we never build one
+        fields.append((name, _journal_value(value)))
+    return fields
+
+
+def _journal_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value  # exact: encode_entry restores the original bytes
+    if isinstance(value, list | tuple | dict):
+        return json.dumps(value, ensure_ascii=True)
+    return str(value)
+
+
+class _JournalLogger:
+    """structlog's final stop for the journal: send, or fall back to a JSON line."""
+
+    def __init__(self, sender: JournalSender, fallback: TextIO) -> None:
+        self._sender = sender
+        self._fallback = fallback
+
+    def msg(self, *, event_dict: EventDict) -> None:
+        try:
+            self._sender.send(journal_fields(event_dict))
+        except OSError:
+            # journald is gone or stuck: no event is lost, it goes to stdout
+            # (which under systemd is the journal's stream socket anyway).
+            self._fallback.write(json.dumps(dict(event_dict), ensure_ascii=True) + "\n")
+            self._fallback.flush()
+
+    info = warning = error = debug = msg
+
+
+def _to_journal_kwargs(_logger: object, _name: str, event_dict: EventDict) -> dict[str, Any]:
+    return {"event_dict": event_dict}
+
+
+class EventLog:
+    """Writes events; safe to call from the hook threads."""
+
+    def __init__(
+        self,
+        fmt: str = "json",
+        *,
+        stream: TextIO | None = None,
+        journal_path: str = JOURNAL_SOCKET,
+    ) -> None:
+        if fmt not in FORMATS or fmt == "auto":
+            raise ValueError(f"log format must be json, console or journal, not {fmt!r}")
+        self.format = fmt
+        self._stream = stream or sys.stdout
+        self._lock = threading.Lock()
+        self._sender: JournalSender | None = None
+        common: list[Any] = [
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+        ]
+        logger: Any
+        if fmt == "journal":
+            self._sender = JournalSender(journal_path)
+            processors = [*common, _drop_none, _to_journal_kwargs]
+            logger = _JournalLogger(self._sender, self._stream)
+        elif fmt == "console":
+            colors = _isatty(self._stream) and "NO_COLOR" not in os.environ
+            processors = [
+                *common, _drop_none, _escape_values,
+                structlog.dev.ConsoleRenderer(colors=colors, pad_event=24, sort_keys=False),
+            ]
+            logger = structlog.PrintLogger(self._stream)
+        else:
+            processors = [*common, structlog.processors.JSONRenderer(ensure_ascii=True)]
+            logger = structlog.PrintLogger(self._stream)
+        self._log = structlog.wrap_logger(logger, processors=processors)
+
+    def emit(self, event: str, fields: Mapping[str, Any] | None = None) -> None:
+        level = level_of(event)
+        with self._lock:
+            getattr(self._log, level)(event, **dict(fields or {}))
+            if self.format != "journal":
+                self._stream.flush()
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except ValueError:
+        return False

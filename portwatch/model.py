@@ -1,0 +1,95 @@
+"""Value types shared by every layer: sockets, processes, listeners and snapshots.
+
+Pure: standard library only. Everything is frozen so a snapshot can be kept,
+diffed and handed to another thread without copying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Proto(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class Unresolved(StrEnum):
+    """Why a listening socket has no owner: never a bare '-'."""
+
+    # Some process directory could not be read: the owner may be among them.
+    PERMISSION_DENIED = "permission_denied"
+    # Every visible process was read and none holds it: a kernel socket
+    # (NFS, WireGuard), or one held from another pid namespace.
+    NO_PROCESS = "no_process"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Socket:
+    """One listening socket as the kernel lists it (/proc/net/* or sock_diag).
+
+    A TCP socket in LISTEN, or a bound UDP socket with no peer.
+    `address` is printable: dotted IPv4, RFC 5952 IPv6, `::ffff:a.b.c.d` for
+    IPv4-mapped. `uid` is the socket's owner as the kernel records it, which
+    is readable without privilege even when the holding process is not.
+    """
+
+    proto: Proto
+    family: int  # 4 or 6
+    address: str
+    port: int
+    inode: int
+    uid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    """A process holding a socket. Strings from the process are attacker data.
+
+    Bytes that are not UTF-8 are kept as surrogate escapes (PEP 383) so the
+    exact bytes can be given back to hooks and journald.
+    """
+
+    pid: int
+    comm: str
+    exe: str | None  # None when unreadable (kernel thread, permission, exited)
+    cmdline: tuple[str, ...]
+    uid: int | None
+    user: str | None  # name from the passwd database; None when unknown
+    unit: str | None  # systemd unit from /proc/<pid>/cgroup
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A listening socket with every process that holds it (sorted by pid)."""
+
+    socket: Socket
+    processes: tuple[Process, ...] = ()
+    unresolved: Unresolved | None = None  # set exactly when processes is empty
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p.pid for p in self.processes)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """All listeners seen by one scan, keyed by socket inode.
+
+    `complete` is False when a socket table could not be read whole; a diff
+    against an incomplete snapshot never reports anything as closed.
+    `denied_pids` counts processes whose fds could not be read.
+    """
+
+    listeners: dict[int, Listener] = field(default_factory=dict)
+    complete: bool = True
+    denied_pids: int = 0
+
+    def sorted(self) -> list[Listener]:
+        return sorted(self.listeners.values(), key=listener_sort_key)
+
+
+def listener_sort_key(listener: Listener) -> tuple[str, int, int, str, int]:
+    s = listener.socket
+    return (s.proto.value, s.port, s.family, s.address, s.inode)

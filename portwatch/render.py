@@ -1,0 +1,129 @@
+"""Pure rendering of the CLI views: plain-text tables and JSON-ready objects.
+
+Text cells are escaped (`portwatch.text.escape`) so a hostile process name
+can neither split a row nor reach the terminal raw; JSON objects carry the
+exact strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from portwatch.model import Listener, Process, Socket
+from portwatch.text import escape
+
+
+def endpoint(sock: Socket) -> str:
+    """`127.0.0.1:22`, `[::1]:22`, `*:22` for the wildcard addresses (as ss prints them)."""
+    if sock.address in ("0.0.0.0", "::"):
+        host = "*" if sock.family == 4 else "[::]"
+    elif sock.family == 6:
+        host = f"[{sock.address}]"
+    else:
+        host = sock.address
+    return f"{host}:{sock.port}"
+
+
+def process_json(proc: Process) -> dict[str, Any]:
+    return {
+        "pid": proc.pid,
+        "comm": proc.comm,
+        "exe": proc.exe,
+        "cmdline": list(proc.cmdline),
+        "uid": proc.uid,
+        "user": proc.user,
+        "unit": proc.unit,
+    }
+
+
+def listener_json(listener: Listener) -> dict[str, Any]:
+    s = listener.socket
+    return {
+        "proto": s.proto.value,
+        "family": s.family,
+        "address": s.address,
+        "port": s.port,
+        "inode": s.inode,
+        "uid": s.uid,
+        "processes": [process_json(p) for p in listener.processes],
+        "unresolved": listener.unresolved.value if listener.unresolved else None,
+    }
+
+
+def command_text(proc: Process) -> str:
+    return " ".join(proc.cmdline) if proc.cmdline else f"[{proc.comm}]"
+
+
+def listener_rows(listeners: Iterable[Listener], users: dict[int, str | None]) -> list[list[str]]:
+    """One row per (socket, holder); a shared socket has a row for each holder."""
+    rows = []
+    for listener in listeners:
+        s = listener.socket
+        head = [s.proto.value, endpoint(s)]
+        if not listener.processes:
+            owner = users.get(s.uid) or str(s.uid)
+            reason = listener.unresolved.value if listener.unresolved else "unknown"
+            rows.append([*head, owner, "", f"({reason})", "", ""])
+            continue
+        for proc in listener.processes:
+            user = proc.user or (str(proc.uid) if proc.uid is not None else "?")
+            rows.append(
+                [*head, user, str(proc.pid), proc.comm, proc.unit or "", command_text(proc)]
+            )
+    return rows
+
+
+LISTENER_HEADERS = ["PROTO", "LOCAL", "USER", "PID", "COMM", "UNIT", "COMMAND"]
+
+
+@dataclass(slots=True)
+class ProcessPorts:
+    """A process and the listening sockets it holds, for `portwatch ps`."""
+
+    process: Process
+    sockets: list[Socket] = field(default_factory=list)
+    fds_readable: bool = True
+
+
+def process_ports_json(entry: ProcessPorts) -> dict[str, Any]:
+    out = process_json(entry.process)
+    out["ports"] = [
+        {"proto": s.proto.value, "address": s.address, "port": s.port, "inode": s.inode}
+        for s in entry.sockets
+    ]
+    out["fds_readable"] = entry.fds_readable
+    return out
+
+
+def process_rows(entries: Iterable[ProcessPorts]) -> list[list[str]]:
+    rows = []
+    for entry in entries:
+        p = entry.process
+        ports = ",".join(f"{s.proto.value}/{endpoint(s)}" for s in entry.sockets)
+        if not entry.fds_readable:
+            ports = "(permission_denied)"
+        user = p.user or (str(p.uid) if p.uid is not None else "?")
+        rows.append([str(p.pid), user, p.comm, ports, command_text(p)])
+    return rows
+
+
+PROCESS_HEADERS = ["PID", "USER", "COMM", "LISTENING", "COMMAND"]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, width: int | None = None) -> str:
+    """Left-aligned columns; the last column is not padded and may be cut to `width`."""
+    cells = [[escape(c) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, cell in enumerate(row[:-1]):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *cells]:
+        padded = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        line = "  ".join([*padded, row[-1]]).rstrip()
+        if width is not None and len(line) > width:
+            line = line[: max(width - 1, 0)] + ">"
+        lines.append(line)
+    return "\n".join(lines) + "\n"

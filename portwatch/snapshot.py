@@ -1,0 +1,90 @@
+"""Pure snapshot logic: join sockets with their holders, and diff two snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from portwatch.model import Listener, Process, Snapshot, Socket, Unresolved
+
+
+def build_snapshot(
+    sockets: Iterable[Socket],
+    holders: Mapping[int, Iterable[int]],
+    processes: Mapping[int, Process],
+    *,
+    complete: bool = True,
+    denied_pids: int = 0,
+) -> Snapshot:
+    """Join listening sockets with the pids holding each inode.
+
+    A holder whose details could not be read (it exited in between) is left
+    out. A socket with no holder says why: if some process could not be
+    read, its owner may be among them (`permission_denied`); otherwise no
+    visible process holds it (`no_process`: kernel socket, other pid namespace).
+    """
+    listeners: dict[int, Listener] = {}
+    for sock in sockets:
+        owners = tuple(
+            processes[pid] for pid in sorted(set(holders.get(sock.inode, ()))) if pid in processes
+        )
+        unresolved = None
+        if not owners:
+            unresolved = Unresolved.PERMISSION_DENIED if denied_pids else Unresolved.NO_PROCESS
+        listeners[sock.inode] = Listener(sock, owners, unresolved)
+    return Snapshot(listeners, complete=complete, denied_pids=denied_pids)
+
+
+class ChangeKind(StrEnum):
+    OPENED = "listener_opened"
+    CLOSED = "listener_closed"
+    OWNER_CHANGED = "owner_changed"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: ChangeKind
+    listener: Listener  # the listener as it is now (as it was, for CLOSED)
+    before: Listener | None = None  # for OWNER_CHANGED
+
+
+def owner_identity(listener: Listener) -> frozenset[tuple[int, str, str | None, int | None]]:
+    """What makes two owner sets different: pid, name, executable and uid.
+
+    The command line is left out on purpose: servers such as PostgreSQL
+    rewrite it constantly (setproctitle), and that is not a new owner.
+    """
+    return frozenset((p.pid, p.comm, p.exe, p.uid) for p in listener.processes)
+
+
+def diff(old: Snapshot, new: Snapshot) -> list[Change]:
+    """Changes from `old` to `new`, keyed by socket inode.
+
+    An incomplete `new` never closes anything: a table that could not be
+    read is not evidence that its sockets are gone. A socket that moved from
+    unresolved to resolved (or back) is an owner change.
+    """
+    changes: list[Change] = []
+    for inode, listener in new.listeners.items():
+        before = old.listeners.get(inode)
+        if before is None:
+            changes.append(Change(ChangeKind.OPENED, listener))
+        elif owner_identity(before) != owner_identity(listener):
+            changes.append(Change(ChangeKind.OWNER_CHANGED, listener, before))
+    if new.complete:
+        changes.extend(
+            Change(ChangeKind.CLOSED, listener)
+            for inode, listener in old.listeners.items()
+            if inode not in new.listeners
+        )
+    return changes
+
+
+def carry_forward(old: Snapshot, new: Snapshot) -> Snapshot:
+    """The snapshot to keep after `new`: an incomplete scan keeps what it could not see."""
+    if new.complete:
+        return new
+    merged = dict(old.listeners)
+    merged.update(new.listeners)
+    return Snapshot(merged, complete=False, denied_pids=new.denied_pids)
