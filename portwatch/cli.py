@@ -161,9 +161,10 @@ def _check(args: argparse.Namespace) -> int:
 
 def _selection(args: argparse.Namespace) -> tuple[tuple[Proto, ...], tuple[int, ...]]:
     if args.command == "who":
-        protocols = (Proto.UDP,) if args.udp else (Proto.TCP,)
-        return protocols, (4, 6)
-    protocols = (Proto.TCP,) if args.tcp else (Proto.UDP,) if args.udp else (Proto.TCP, Proto.UDP)
+        return ((Proto.UDP,) if args.udp else (Proto.TCP,)), (4, 6)
+    protocols: tuple[Proto, ...] = (Proto.TCP, Proto.UDP)
+    if args.tcp or args.udp:
+        protocols = (Proto.TCP,) if args.tcp else (Proto.UDP,)
     families = (4,) if args.ipv4 else (6,) if args.ipv6 else (4, 6)
     return protocols, families
 

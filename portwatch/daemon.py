@@ -115,7 +115,7 @@ class Daemon:
                 "config": self.config.path,
                 "reserved_rules": len(self.config.reserved),
                 "interval": self.config.interval,
-                "socket_source": "proc" if self.lister.fallback_reason or self.lister.source is Source.PROC else "netlink",
+                "socket_source": self.lister.active_source,
                 "netlink_unavailable": self.lister.fallback_reason,
                 "config_watch": self.watcher.mode,
                 "config_watch_fallback": self.watcher.fallback_reason,
@@ -175,7 +175,7 @@ class Daemon:
         def on_hup(_sig: int, _frame: object) -> None:
             self._reload = True  # repeated HUPs before the loop runs merge into one reload
 
-        previous = {
+        previous: dict[int, Any] = {
             signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop),
             signal.SIGINT: signal.signal(signal.SIGINT, on_stop),
             signal.SIGHUP: signal.signal(signal.SIGHUP, on_hup),
@@ -340,7 +340,10 @@ class Daemon:
     def _status_text(self) -> str:
         snap = self.snapshot or Snapshot()
         when = datetime.now(UTC).strftime("%H:%M:%S UTC")
-        return f"watching {len(snap.listeners)} listeners, {len(self._taken)} reserved ports taken, last scan {when}"
+        return (
+            f"watching {len(snap.listeners)} listeners, {len(self._taken)} reserved ports taken, "
+            f"last scan {when}"
+        )
 
     def _update_status(self) -> None:
         text = self._status_text()

@@ -105,7 +105,7 @@ def describe(event: str, fields: dict[str, Any]) -> str:
     if event == "portwatch_stopping":
         return "portwatch stopping"
     if event == "degraded":
-        return f"degraded: {fields.get('reason')}"
+        return f"owner resolution degraded: {fields.get('missing')}"
     return event.replace("_", " ")
 
 

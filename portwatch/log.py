@@ -9,7 +9,6 @@ framing that cannot start a second field.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 from collections.abc import Mapping, MutableMapping
@@ -18,7 +17,13 @@ from typing import Any, TextIO
 import structlog
 
 from portwatch.events import describe, level_of
-from portwatch.journal import JOURNAL_SOCKET, MESSAGE_IDS, JournalSender, field_name, stream_is_journal
+from portwatch.journal import (
+    JOURNAL_SOCKET,
+    MESSAGE_IDS,
+    JournalSender,
+    field_name,
+    stream_is_journal,
+)
 from portwatch.text import escape
 
 FORMATS = ("auto", "json", "console", "journal")
@@ -39,16 +44,25 @@ def choose_format(requested: str, env: Mapping[str, str], stdout: TextIO) -> str
         return "json"
 
 
-def _escape_values(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
-    return {k: _escape_deep(v) for k, v in event_dict.items()}
+def render_console(_logger: object, _name: str, event_dict: EventDict) -> str:
+    """`TIME LEVEL EVENT: sentence  key=value ...`, every value escaped, on one line."""
+    fields = dict(event_dict)
+    event = str(fields.pop("event", ""))
+    stamp = fields.pop("timestamp", "")
+    level = fields.pop("level", "info")
+    parts = [f"{stamp} {level:<7} {event}: {escape(describe(event, fields))}"]
+    parts += [f"{key}={_console_value(value)}" for key, value in fields.items()]
+    return "  ".join(parts)
 
 
-def _escape_deep(value: Any) -> Any:
+def _console_value(value: Any) -> str:
     if isinstance(value, str):
-        return escape(value)
-    if isinstance(value, list | tuple):
-        return [_escape_deep(v) for v in value]
-    return value
+        text = escape(value)
+        return f'"{text}"' if (" " in text or not text or '"' in text) else text
+    if isinstance(value, list | tuple | dict):
+        # json escapes controls; escape() turns what remains (lone surrogates) into \xNN.
+        return escape(json.dumps(value, ensure_ascii=False))
+    return escape(str(value))
 
 
 def _drop_none(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
@@ -135,11 +149,7 @@ class EventLog:
             processors = [*common, _drop_none, _to_journal_kwargs]
             logger = _JournalLogger(self._sender, self._stream)
         elif fmt == "console":
-            colors = _isatty(self._stream) and "NO_COLOR" not in os.environ
-            processors = [
-                *common, _drop_none, _escape_values,
-                structlog.dev.ConsoleRenderer(colors=colors, pad_event=24, sort_keys=False),
-            ]
+            processors = [*common, _drop_none, render_console]
             logger = structlog.PrintLogger(self._stream)
         else:
             processors = [*common, structlog.processors.JSONRenderer(ensure_ascii=True)]
@@ -156,10 +166,3 @@ class EventLog:
     def close(self) -> None:
         if self._sender is not None:
             self._sender.close()
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except ValueError:
-        return False

@@ -15,7 +15,7 @@ import pwd
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from portwatch.model import Process, Proto, Socket
 from portwatch.procfs import (
@@ -69,7 +69,7 @@ class ProcFS:
 
     def __init__(self, root: str = DEFAULT_ROOT, byteorder: ByteOrder | None = None) -> None:
         self.root = root
-        self.byteorder: ByteOrder = byteorder or cast(ByteOrder, sys.byteorder)
+        self.byteorder: ByteOrder = byteorder or ("little" if sys.byteorder == "little" else "big")
         self._users: dict[int, str | None] = {}
 
     # -- socket tables -------------------------------------------------------

@@ -17,7 +17,7 @@ from portwatch.text import escape
 
 def endpoint(sock: Socket) -> str:
     """`127.0.0.1:22`, `[::1]:22`, `*:22` for the wildcard addresses (as ss prints them)."""
-    if sock.address in ("0.0.0.0", "::"):
+    if sock.address in ("0.0.0.0", "::"):  # noqa: S104 - naming the wildcard, not binding it
         host = "*" if sock.family == 4 else "[::]"
     elif sock.family == 6:
         host = f"[{sock.address}]"

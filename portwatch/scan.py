@@ -38,6 +38,11 @@ class SocketLister:
     # Why netlink is not used, once it failed in AUTO mode (said once by the caller).
     fallback_reason: str | None = None
 
+    @property
+    def active_source(self) -> str:
+        """What the last listing used: "netlink" or "proc"."""
+        return "proc" if self.source is Source.PROC or self.fallback_reason else "netlink"
+
     def list(self, protocols: Iterable[Proto], families: Iterable[int]) -> TableRead:
         protocols, families = tuple(protocols), tuple(families)
         if self.source is not Source.PROC and self.fallback_reason is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -47,10 +48,8 @@ class Holder:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         for child in self.children:  # forked workers we started; reap-safe kill by pid
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def start_holder(

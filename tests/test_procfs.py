@@ -31,7 +31,7 @@ TCP6_HEADER = (
 
 
 def _row(local: str, state: str = "0A", uid: int = 0, inode: int = 4242, rem: str | None = None) -> str:
-    rem = rem or ("0" * len(local.split(":")[0]) + ":0000")
+    rem = rem or ("0" * len(local.split(":", maxsplit=1)[0]) + ":0000")
     return (
         f"   0: {local} {rem} {state} 00000000:00000000 00:00000000 00000000 "
         f"{uid:>5}        0 {inode} 1 0000000000000000 100 0 0 10 0\n"

@@ -1,0 +1,132 @@
+"""Reserved-port rules and the pure verdict on one listener.
+
+A rule reserves some ports of one protocol for the owners its `allow`
+entries describe. `evaluate` says whether a listener breaks a rule; acting
+on the verdict (logging, hooks) happens at the edges.
+
+Process fields are attacker data: a process may call itself `[`, `*` or
+`a\\nb`. They are only ever the *name* side of `fnmatch.fnmatchcase`, which
+escapes everything in the name, so matching them never raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from portwatch.model import Listener, Process, Proto
+
+PORT_MIN = 1
+PORT_MAX = 65535
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """An inclusive range of ports, `first` <= `last`, both in 1-65535."""
+
+    first: int
+    last: int
+
+    def __post_init__(self) -> None:
+        if not PORT_MIN <= self.first <= self.last <= PORT_MAX:
+            raise ValueError(f"bad port range {self.first}-{self.last}")
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True, slots=True)
+class Allow:
+    """One allowed owner: every key that is set must match (shell-style globs).
+
+    An entry with no keys set matches nothing, so a malformed entry can
+    never allow everyone.
+    """
+
+    comm: str | None = None
+    exe: str | None = None
+    user: str | None = None  # a user name or a decimal uid
+    unit: str | None = None
+
+    def matches(self, process: Process) -> bool:
+        if self.comm is None and self.exe is None and self.user is None and self.unit is None:
+            return False
+        if self.comm is not None and not fnmatchcase(process.comm, self.comm):
+            return False
+        if self.exe is not None and not _glob(_undeleted(process.exe), self.exe):
+            return False
+        if self.user is not None and not (
+            _glob(process.user, self.user)
+            or (process.uid is not None and fnmatchcase(str(process.uid), self.user))
+        ):
+            return False
+        return self.unit is None or _glob(process.unit, self.unit)
+
+
+def _undeleted(exe: str | None) -> str | None:
+    """The path a still-running binary had before a package upgrade replaced it.
+
+    The kernel appends " (deleted)" to /proc/<pid>/exe once the file is
+    unlinked; the process is still the program that was installed there.
+    Only root can have had a file at a system path, so this opens nothing.
+    """
+    suffix = " (deleted)"
+    return exe[: -len(suffix)] if exe is not None and exe.endswith(suffix) else exe
+
+
+def _glob(value: str | None, pattern: str) -> bool:
+    # An unknown field (unreadable exe, no passwd entry, no unit) never matches.
+    return value is not None and fnmatchcase(value, pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Ports of one protocol that only the `allow`ed owners may listen on."""
+
+    name: str
+    ports: tuple[PortRange, ...]
+    proto: Proto = Proto.TCP
+    allow: tuple[Allow, ...] = ()  # empty: nobody may hold these ports
+    hooks: tuple[str, ...] = ()  # names of hooks to run on a violation
+
+    def covers(self, proto: Proto, port: int) -> bool:
+        return proto == self.proto and any(port in r for r in self.ports)
+
+    def allows(self, process: Process) -> bool:
+        return any(entry.matches(process) for entry in self.allow)
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    """A reserved port held by someone the rule does not allow.
+
+    `verified` is False when no holder could be identified (the listener
+    is unresolved): the port is taken, but we cannot say by whom, so
+    `offenders` is empty.
+    """
+
+    rule: Rule
+    listener: Listener
+    offenders: tuple[Process, ...]
+    verified: bool
+
+
+def evaluate(rule: Rule, listener: Listener) -> Violation | None:
+    """The violation of `rule` by `listener`, or None when every holder is allowed.
+
+    A listener on a port the rule does not cover never violates it. A
+    covered listener with no known process is an unverified violation: a
+    reserved port held by an owner we cannot see is still worth reporting.
+    """
+    sock = listener.socket
+    if not rule.covers(sock.proto, sock.port):
+        return None
+    if not listener.processes:
+        return Violation(rule=rule, listener=listener, offenders=(), verified=False)
+    offenders = tuple(p for p in listener.processes if not rule.allows(p))
+    if not offenders:
+        return None
+    return Violation(rule=rule, listener=listener, offenders=offenders, verified=True)
