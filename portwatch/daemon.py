@@ -30,6 +30,7 @@ from portwatch.procfs import ProcParseError
 from portwatch.scan import OwnerTracker, SocketLister, Source
 from portwatch.snapshot import ChangeKind, carry_forward, diff, owner_identity
 from portwatch.sockdiag import SockDiagUnavailable
+from portwatch.state import SavedState, StateError, StateStore, state_dir
 from portwatch.watch import ConfigWatcher
 
 EX_CONFIG = 78  # the unit's RestartPreventExitStatus=
@@ -38,6 +39,9 @@ POLL_CONFIG_EVERY = 0.5  # seconds, when inotify is unavailable
 # usually binds within a few hundred milliseconds of starting.
 EARLY_SCAN_PERIOD = 0.1
 EARLY_SCAN_WINDOW = 1.0
+# The state file is rewritten at most this often while things change (and at
+# stop); after a crash the changes since are found again by the startup diff.
+STATE_SAVE_EVERY = 5.0
 
 
 class Daemon:
@@ -50,6 +54,7 @@ class Daemon:
         source: Source = Source.AUTO,
         notifier: Notifier | None = None,
         proc_events: bool = True,
+        state: StateStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -67,7 +72,10 @@ class Daemon:
         self._taken: dict[int, frozenset[Any]] = {}  # inode -> owners when reported taken
         self._stop = False
         self._reload = False
-        self._degraded_said = False
+        self._said: set[str] = set()  # degraded reasons already reported (once each)
+        self.state = state
+        self._state_dirty = False
+        self._state_saved_at = 0.0
         self._hint_pids: set[int] = set()
         self._early_until = 0.0
         self._next_watchdog = 0.0
@@ -98,6 +106,7 @@ class Daemon:
             self._start()
             self._loop(sel, rfd)
         finally:
+            self._save_state(force=True)
             self._shutdown()
             sel.close()
             for fd in (rfd, wfd):
@@ -106,7 +115,8 @@ class Daemon:
         return 0
 
     def _start(self) -> None:
-        self.tick(first=True)
+        saved = self._load_state()
+        self.tick(first=True, saved=saved)
         snap = self.snapshot or Snapshot()
         self.emit(
             "portwatch_started",
@@ -146,6 +156,7 @@ class Daemon:
             now = self.clock()
             if now >= self._scan_due(next_scan, now):
                 self.tick()
+                self._save_state()
                 if now >= next_scan:
                     # Keep the cadence; after a scan slower than the interval, start afresh.
                     next_scan += self.config.interval
@@ -193,8 +204,13 @@ class Daemon:
 
     # -- scanning --------------------------------------------------------------
 
-    def tick(self, *, first: bool = False) -> None:
-        """One scan: list, resolve owners, diff, judge, report."""
+    def tick(self, *, first: bool = False, saved: SavedState | None = None) -> None:
+        """One scan: list, resolve owners, diff, judge, report.
+
+        The first scan is the baseline: it reports only squatters, unless a
+        saved state says what was there before a restart, in which case
+        what changed while portwatch was down is reported too.
+        """
         self._last_scan = self.clock()
         config = self.config
         protocols = sorted(config.protocols)
@@ -212,7 +228,10 @@ class Daemon:
             self.emit("scan_failed", {"error": "; ".join(table.errors), "partial": True})
         previous = self.snapshot
         self.snapshot = snap if previous is None else carry_forward(previous, snap)
-        if previous is None:
+        if previous is None and saved is not None:
+            self._report_changes(saved.snapshot, snap, while_down=True)
+            self._judge(snap.listeners.values(), at_startup=True, known=saved.taken)
+        elif previous is None:
             self._judge(snap.listeners.values(), at_startup=True)
         else:
             self._report_changes(previous, snap)
@@ -222,20 +241,32 @@ class Daemon:
         if first:
             self._next_watchdog = self._last_scan
 
-    def _report_changes(self, previous: Snapshot, snap: Snapshot) -> None:
+    def _report_changes(self, previous: Snapshot, snap: Snapshot, *, while_down: bool = False) -> None:
         changed: list[Listener] = []
         for change in diff(previous, snap):
+            self._state_dirty = True
             rule = self.config.rule_for(change.listener.socket.proto, change.listener.socket.port)
             if change.kind is ChangeKind.CLOSED:
                 self._taken.pop(change.listener.socket.inode, None)
             else:
                 changed.append(change.listener)
             if self.config.log_listeners or rule is not None:
-                self.emit(*change_event(change, rule.name if rule else None))
-        self._judge(changed, at_startup=False)
+                name, fields = change_event(change, rule.name if rule else None)
+                if while_down:
+                    fields["while_down"] = True
+                self.emit(name, fields)
+        if not while_down:
+            self._judge(changed, at_startup=False)
 
-    def _judge(self, listeners: Iterable[Listener], *, at_startup: bool) -> None:
-        """Report each reserved port held by someone its rule does not allow, once per owner set."""
+    def _judge(
+        self, listeners: Iterable[Listener], *, at_startup: bool,
+        known: Mapping[int, list[int]] | None = None,
+    ) -> None:
+        """Report each reserved port held by someone its rule does not allow, once per owner set.
+
+        `known`: owner sets reported before a restart. They are reported again
+        (a restart must still name a squatter) but their hooks do not run twice.
+        """
         for listener in listeners:
             sock = listener.socket
             rule = self.config.rule_for(sock.proto, sock.port)
@@ -247,9 +278,14 @@ class Daemon:
             if self._taken.get(sock.inode) == identity:
                 continue
             self._taken[sock.inode] = identity
+            self._state_dirty = True
             name, fields = violation_event(violation, at_startup=at_startup)
+            seen_before = known is not None and known.get(sock.inode) == list(listener.pids)
+            if known is not None:
+                fields["reported_before_restart"] = seen_before
             self.emit(name, fields)
-            self._run_hooks(rule, {"event": name, **fields})
+            if not seen_before:
+                self._run_hooks(rule, {"event": name, **fields})
 
     def _run_hooks(self, rule: Rule, event: dict[str, Any]) -> None:
         for hook_name in rule.hooks:
@@ -260,8 +296,8 @@ class Daemon:
             )
 
     def _say_degraded(self, snap: Snapshot) -> None:
-        if snap.denied_pids and not self._degraded_said:
-            self._degraded_said = True
+        if snap.denied_pids and "denied" not in self._said:
+            self._said.add("denied")
             self.emit(
                 "degraded",
                 {
@@ -272,6 +308,45 @@ class Daemon:
                     "denied_pids": snap.denied_pids,
                 },
             )
+
+    # -- state across restarts --------------------------------------------------
+
+    def _load_state(self) -> SavedState | None:
+        if self.state is None:
+            return None
+        try:
+            saved = self.state.load()
+        except StateError as exc:
+            # Reported and replaced at the next save; never fatal.
+            self.emit("state_reset", {"path": self.state.path, "error": str(exc)})
+            return None
+        if saved is not None:
+            self.emit("state_restored", {
+                "path": self.state.path, "saved_at": saved.saved_at,
+                "listeners": len(saved.snapshot.listeners),
+            })
+        return saved
+
+    def _save_state(self, *, force: bool = False) -> None:
+        if self.state is None or self.snapshot is None:
+            return
+        now = self.clock()
+        if not force and (not self._state_dirty or now - self._state_saved_at < STATE_SAVE_EVERY):
+            return
+        taken = {inode: sorted(pid for pid, *_ in identity) for inode, identity in self._taken.items()}
+        try:
+            self.state.save(self.snapshot, taken, datetime.now(UTC).isoformat())
+        except OSError as exc:
+            if "state" not in self._said:
+                self._said.add("state")
+                self.emit("degraded", {
+                    "reason": f"cannot save state to {self.state.path}: {exc.strerror or exc}; "
+                    "changes while portwatch is down will not be reported after a restart",
+                    "missing": "a writable state directory",
+                })
+            return
+        self._state_dirty = False
+        self._state_saved_at = now
 
     # -- reload ----------------------------------------------------------------
 
@@ -372,8 +447,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     log = EventLog(fmt)
     # Hooks must not inherit the capabilities the unit grants for reading /proc.
     drop_ambient_capabilities()
+    store = StateStore(state_dir(args.state_dir, config.state_dir, os.environ))
     daemon = Daemon(
-        config, log, source=Source(args.source), proc_events=not args.no_proc_events
+        config, log, source=Source(args.source), proc_events=not args.no_proc_events, state=store
     )
     try:
         return daemon.run()

@@ -85,9 +85,7 @@ class ProcConnector:
             try:
                 sock.bind((0, CN_IDX_PROC))
             except PermissionError as exc:
-                raise _error(
-                    exc, "joining CN_IDX_PROC needs CAP_NET_ADMIN before Linux 6.6"
-                ) from exc
+                raise _error(exc, "joining CN_IDX_PROC needs CAP_NET_ADMIN before Linux 6.6") from exc
             except OSError as exc:
                 raise _error(exc, "cannot join CN_IDX_PROC") from exc
             _subscribe(sock)
@@ -118,7 +116,7 @@ class ProcConnector:
                 break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
-                    overrun = True  # reported once; what is still queued is read below
+                    overrun = True  # reported once; what is still queued is stale: drained below
                     continue
                 raise
             if sender == 0:  # only the kernel sends process events

@@ -103,9 +103,7 @@ _previous: dict[int, Socket] = {}
 
 def _open() -> socket.socket:
     try:
-        sock = socket.socket(
-            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
-        )
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
         sock.settimeout(_TIMEOUT)
     except OSError as exc:
         raise SockDiagUnavailable(f"cannot open a NETLINK_SOCK_DIAG socket: {_why(exc)}") from exc
@@ -185,15 +183,17 @@ class _Dump:
         `found` may then hold some of its sockets, which `_take_any` puts
         there again unchanged.
         """
+        if len(data) < _MSG_LEN:
+            return False
         (first,) = _U32.unpack_from(data)
         if first < _MSG_LEN or first % 4 or len(data) % first:
             return False
         seq, state, proto, family = self.seq, self.state, self.proto, self.family
         found, previous, addresses, make = self.found, self.previous, self.addresses, _make_socket
         zeros: list[Socket] = []
-        for length, mtype, mseq, mstate, phi, plo, src, uid, inode in _uniform(
-            family, first
-        ).iter_unpack(data):
+        for length, mtype, mseq, mstate, phi, plo, src, uid, inode in _uniform(family, first).iter_unpack(
+            data
+        ):
             if length != first or mtype != SOCK_DIAG_BY_FAMILY or mseq != seq or mstate != state:
                 return False
             address = addresses.get(src)
@@ -236,15 +236,15 @@ class _Dump:
                     address = self.addresses.get(src)
                     if address is None:
                         address = self.addresses[src] = self.format(src)
-                    sock = _make_socket(
-                        self.proto, self.family, address, phi << 8 | plo, inode, uid
-                    )
+                    sock = _make_socket(self.proto, self.family, address, phi << 8 | plo, inode, uid)
                     if inode:
                         self.found[inode] = sock
                     else:
                         self.zeros.append(sock)
             elif mtype in (NLMSG_DONE, NLMSG_ERROR):
                 # Both carry an int: 0, or a negative errno. NLMSG_ERROR 0 is an ack.
+                if length < _NLMSG_HDRLEN + _ERRNO.size:
+                    raise SockDiagUnavailable(f"{self.name}: short NLMSG_DONE/NLMSG_ERROR")
                 (err,) = _ERRNO.unpack_from(buf, off + _NLMSG_HDRLEN)
                 if err < 0:
                     raise SockDiagUnavailable(self._error(-err))
@@ -283,9 +283,7 @@ def _socket_maker() -> _SocketMaker:
     0.5 us. Only while Socket has exactly these fields and no __post_init__;
     otherwise the plain constructor.
     """
-    if tuple(f.name for f in dataclasses.fields(Socket)) != _FIELDS or hasattr(
-        Socket, "__post_init__"
-    ):
+    if tuple(f.name for f in dataclasses.fields(Socket)) != _FIELDS or hasattr(Socket, "__post_init__"):
         return Socket
     new = object.__new__
     set_proto, set_family, set_address, set_port, set_inode, set_uid = (

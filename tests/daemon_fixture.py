@@ -23,6 +23,8 @@ Event = dict[str, Any]
 class DaemonProcess:
     def __init__(self, config: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.config = config
+        if "--state-dir" not in extra:  # never the host's /var/lib/portwatch
+            extra = (*extra, "--state-dir", str(config.parent / "state"))
         self.proc = subprocess.Popen(
             [
                 sys.executable,

@@ -387,7 +387,8 @@ def test_console_format_escapes(
     import subprocess
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "portwatch", "run", "--config", str(cfg), "--log-format", "console"],
+        [sys.executable, "-m", "portwatch", "run", "--config", str(cfg), "--log-format", "console",
+         "--state-dir", str(tmp_path / "state")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, **console_env},

@@ -241,9 +241,7 @@ def test_uid_of_another_users_listener(holders: Callable[..., Holder], readable_
     tcp, udp = holder.sockets
     listed = {s.inode: s for s in list_listeners()}
     assert listed[tcp["inode"]] == Socket(Proto.TCP, 6, "::1", tcp["port"], tcp["inode"], 65534)
-    assert listed[udp["inode"]] == Socket(
-        Proto.UDP, 4, "127.0.0.1", udp["port"], udp["inode"], 65534
-    )
+    assert listed[udp["inode"]] == Socket(Proto.UDP, 4, "127.0.0.1", udp["port"], udp["inode"], 65534)
     from_proc = {s.inode: s for s in ProcFS().read_sockets().sockets}
     assert from_proc[tcp["inode"]] == listed[tcp["inode"]]
 
@@ -375,9 +373,7 @@ exec(sys.argv[1])
 def test_unavailable_when_netlink_is_forbidden() -> None:
     """Under a RestrictAddressFamilies-like seccomp filter: SockDiagUnavailable; /proc works."""
     if platform.machine() not in ("x86_64", "aarch64"):
-        pytest.skip(
-            f"seccomp test knows x86_64 and aarch64 syscall numbers, not {platform.machine()}"
-        )
+        pytest.skip(f"seccomp test knows x86_64 and aarch64 syscall numbers, not {platform.machine()}")
     child = r"""
 from portwatch.sockdiag import SockDiagUnavailable, list_listeners
 from portwatch.proc import ProcFS
@@ -415,9 +411,7 @@ def _python_for_nobody() -> str:
 def readable_tree() -> Iterator[Path]:
     """A copy of the package and listener.py that user 65534 can read."""
     tree = Path(tempfile.mkdtemp(prefix="portwatch-sockdiag-"))
-    shutil.copytree(
-        ROOT / "portwatch", tree / "portwatch", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    shutil.copytree(ROOT / "portwatch", tree / "portwatch", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "tests" / "programs" / "listener.py", tree / "listener.py")
     for path in [tree, *tree.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
