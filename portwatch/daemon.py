@@ -34,6 +34,7 @@ from portwatch.state import SavedState, StateError, StateStore, state_dir
 from portwatch.watch import ConfigWatcher
 
 EX_CONFIG = 78  # the unit's RestartPreventExitStatus=
+EX_UNAVAILABLE = 69  # a required facility (netlink, when forced) is missing
 POLL_CONFIG_EVERY = 0.5  # seconds, when inotify is unavailable
 # After a fork or exec, rescan at this pace for a while: the new process
 # usually binds within a few hundred milliseconds of starting.
@@ -72,6 +73,7 @@ class Daemon:
         self._taken: dict[int, frozenset[Any]] = {}  # inode -> owners when reported taken
         self._stop = False
         self._reload = False
+        self._rejected = False  # the file on disk was refused; a valid one is news even if unchanged
         self._said: set[str] = set()  # degraded reasons already reported (once each)
         self.state = state
         self._state_dirty = False
@@ -117,6 +119,7 @@ class Daemon:
     def _start(self) -> None:
         saved = self._load_state()
         self.tick(first=True, saved=saved)
+        self._save_state(force=True)  # the baseline, so a SIGKILL before any change loses nothing
         snap = self.snapshot or Snapshot()
         self.emit(
             "portwatch_started",
@@ -216,7 +219,12 @@ class Daemon:
         protocols = sorted(config.protocols)
         try:
             table = self.lister.list(protocols, (4, 6))
-        except (ProcParseError, SockDiagUnavailable, OSError) as exc:
+        except SockDiagUnavailable:
+            if first:  # --source netlink where netlink is refused: say so once, do not start
+                raise
+            self.emit("scan_failed", {"error": "netlink became unavailable"})
+            return
+        except (ProcParseError, OSError) as exc:
             # Nothing is closed on a failed scan: the previous snapshot stands.
             self.emit("scan_failed", {"error": str(exc)})
             return
@@ -227,6 +235,7 @@ class Daemon:
         if table.errors:
             self.emit("scan_failed", {"error": "; ".join(table.errors), "partial": True})
         previous = self.snapshot
+        snap = self._drop_closed_meanwhile(previous, snap, protocols)
         self.snapshot = snap if previous is None else carry_forward(previous, snap)
         if previous is None and saved is not None:
             self._report_changes(saved.snapshot, snap, while_down=True)
@@ -240,6 +249,31 @@ class Daemon:
         self._update_status()
         if first:
             self._next_watchdog = self._last_scan
+
+    def _drop_closed_meanwhile(
+        self, previous: Snapshot | None, snap: Snapshot, protocols: list[Any]
+    ) -> Snapshot:
+        """A listener whose every holder vanished during this scan may simply have closed after
+        the listing: list again, and drop those that are gone (the next scan reports them closed)
+        instead of reporting an owner change to nobody."""
+        if previous is None:
+            return snap
+        lost = [i for i, x in snap.listeners.items()
+                if not x.processes and (p := previous.listeners.get(i)) is not None and p.processes]
+        if not lost:
+            return snap
+        try:
+            again = self.lister.list(protocols, (4, 6))
+        except (ProcParseError, SockDiagUnavailable, OSError):
+            return snap
+        if not again.complete:
+            return snap
+        still = {s.inode for s in again.sockets}
+        gone = set(lost) - still
+        if not gone:
+            return snap
+        kept = {i: x for i, x in snap.listeners.items() if i not in gone}
+        return Snapshot(kept, complete=snap.complete, denied_pids=snap.denied_pids)
 
     def _report_changes(self, previous: Snapshot, snap: Snapshot, *, while_down: bool = False) -> None:
         changed: list[Listener] = []
@@ -357,12 +391,14 @@ class Daemon:
         try:
             new = load_config(path)
         except ConfigError as exc:
+            self._rejected = True
             self.emit("config_rejected", {"path": path, "error": "; ".join(exc.problems)})
             self.notifier.ready(self._status_text())
             return
-        if new == self.config and not signal_requested:
+        if new == self.config and not signal_requested and not self._rejected:
             self.notifier.ready(self._status_text())
             return  # touched, not changed
+        self._rejected = False
         self.config = new
         self.hooks.configure(max_parallel=new.max_parallel_hooks, cooldown=new.hook_cooldown)
         self.emit("config_reloaded", {"path": path, "reserved_rules": len(new.reserved)})
@@ -453,6 +489,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
     try:
         return daemon.run()
+    except SockDiagUnavailable as exc:
+        sys.stderr.write(f"portwatch: --source netlink, but {exc}; use --source auto or proc\n")
+        return EX_UNAVAILABLE
     finally:
         log.close()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
@@ -27,6 +28,7 @@ from portwatch.journal import (
 from portwatch.text import escape
 
 FORMATS = ("auto", "json", "console", "journal")
+JOURNAL_RETRY = 10.0  # seconds on stdout after the journal failed
 PRIORITY = {"error": "3", "warning": "4", "info": "6", "debug": "7"}
 
 EventDict = MutableMapping[str, Any]
@@ -58,10 +60,11 @@ def render_console(_logger: object, _name: str, event_dict: EventDict) -> str:
 def _console_value(value: Any) -> str:
     if isinstance(value, str):
         text = escape(value)
-        return f'"{text}"' if (" " in text or not text or '"' in text) else text
-    if isinstance(value, list | tuple | dict):
-        # json escapes controls; escape() turns what remains (lone surrogates) into \xNN.
-        return escape(json.dumps(value, ensure_ascii=False))
+        if " " in text or not text or '"' in text:
+            return '"' + text.replace('"', '\\"') + '"'
+        return text
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_console_value(v) for v in value) + "]"
     return escape(str(value))
 
 
@@ -106,11 +109,16 @@ class _JournalLogger:
     def __init__(self, sender: JournalSender, fallback: TextIO) -> None:
         self._sender = sender
         self._fallback = fallback
+        self._skip_until = 0.0
 
     def msg(self, *, event_dict: EventDict) -> None:
         try:
+            # After a failure, do not wait on a stuck journald once per event: stdout for a while.
+            if time.monotonic() < self._skip_until:
+                raise OSError("journal recently unreachable")
             self._sender.send(journal_fields(event_dict))
         except OSError:
+            self._skip_until = time.monotonic() + JOURNAL_RETRY
             # journald is gone or stuck: no event is lost, it goes to stdout
             # (which under systemd is the journal's stream socket anyway).
             self._fallback.write(json.dumps(dict(event_dict), ensure_ascii=True) + "\n")
@@ -139,6 +147,7 @@ class EventLog:
         self._stream = stream or sys.stdout
         self._lock = threading.Lock()
         self._sender: JournalSender | None = None
+        self._output_lost = False
         common: list[Any] = [
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
@@ -159,9 +168,16 @@ class EventLog:
     def emit(self, event: str, fields: Mapping[str, Any] | None = None) -> None:
         level = level_of(event)
         with self._lock:
-            getattr(self._log, level)(event, **dict(fields or {}))
-            if self.format != "journal":
-                self._stream.flush()
+            try:
+                getattr(self._log, level)(event, **dict(fields or {}))
+                if self.format != "journal":
+                    self._stream.flush()
+            except OSError as exc:
+                # The reader went away (EPIPE: journald's stream restarted). Losing output must
+                # not stop the watch: say it once on stderr and go on (hooks still run).
+                if not self._output_lost:
+                    self._output_lost = True
+                    sys.stderr.write(f"portwatch: cannot write events: {exc.strerror or exc}\n")
 
     def close(self) -> None:
         if self._sender is not None:

@@ -64,6 +64,8 @@ def decode_address(hexaddr: str, byteorder: ByteOrder) -> tuple[int, str]:
     """
     if len(hexaddr) not in (8, 32):
         raise ValueError(f"address of {len(hexaddr)} hex digits")
+    if not _is_hex(hexaddr):  # int(x, 16) would also take '-', '+', '_' and '0x'
+        raise ValueError(f"invalid literal for int() with base 16: {hexaddr!r}")
     packed = b"".join(
         int(hexaddr[i : i + 8], 16).to_bytes(4, byteorder) for i in range(0, len(hexaddr), 8)
     )
@@ -75,7 +77,7 @@ def decode_address(hexaddr: str, byteorder: ByteOrder) -> tuple[int, str]:
 def parse_endpoint(text: str, byteorder: ByteOrder) -> tuple[int, str, int]:
     """`0100007F:0016` -> (4, '127.0.0.1', 22). The port is plain hex."""
     hexaddr, sep, hexport = text.partition(":")
-    if not sep or len(hexport) != 4:
+    if not sep or len(hexport) != 4 or not _is_hex(hexport):
         raise ValueError("endpoint is not ADDRESS:PORT")
     family, address = decode_address(hexaddr, byteorder)
     return family, address, int(hexport, 16)
@@ -125,7 +127,7 @@ def parse_socket_link(target: str) -> int | None:
     """Inode from an fd link target: `socket:[12345]` -> 12345, anything else None."""
     if target.startswith("socket:[") and target.endswith("]"):
         digits = target[8:-1]
-        if digits.isdigit():
+        if digits.isascii() and digits.isdigit():
             return int(digits)
     return None
 
@@ -153,7 +155,7 @@ def parse_status_uid(text: str) -> int | None:
     for line in text.split("\n"):
         if line.startswith("Uid:"):
             fields = line.split()
-            if len(fields) >= 2 and fields[1].isdigit():
+            if len(fields) >= 2 and fields[1].isascii() and fields[1].isdigit():
                 return int(fields[1])
             return None
     return None

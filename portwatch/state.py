@@ -80,7 +80,7 @@ class StateStore:
             if data.get("boot_id") != self.boot:
                 return None
             return _decode(data)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
             raise StateError(f"{self.path}: corrupt ({type(exc).__name__}: {exc})") from None
 
     def save(self, snapshot: Snapshot, taken: Mapping[int, list[int]], saved_at: str) -> None:
