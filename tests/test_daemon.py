@@ -291,6 +291,14 @@ def test_reload_by_rename_in_place_and_sighup(
     mark = d.mark()
     d.proc.send_signal(signal.SIGHUP)
     d.wait_event("config_reloaded", timeout=1.0, since=mark)
+    # 3b. a refused edit undone (the file equals the config in force again): said, not silent
+    good = cfg.read_text()
+    mark = d.mark()
+    cfg.write_text("interval: [\n")
+    d.wait_event("config_rejected", timeout=1.0, since=mark)
+    mark = d.mark()
+    cfg.write_text(good)
+    d.wait_event("config_reloaded", timeout=1.0, since=mark)
     # 4. the file deleted: rejected, last good config kept
     mark = d.mark()
     cfg.unlink()

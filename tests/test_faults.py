@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PROGRAMS, Holder
+from tests.conftest import PROGRAMS, ROOT, Holder
 from tests.journald_fixture import start_journald, stop_journald
 from tests.test_hostile import (  # noqa: F401 (watchers is a fixture)
     Watcher,
@@ -486,6 +486,20 @@ def test_netlink_refused_falls_back_to_proc(
     other.stop()
     d.wait_event("listener_closed", port=other.port)
     assert d.count("scan_failed") == 0 and d.proc.poll() is None
+
+
+def test_forced_netlink_that_is_refused_fails_at_start(tmp_path: Path) -> None:
+    """--source netlink where netlink is refused: one line and exit 69 at start, not an error per scan."""
+    cfg = reserved_config(tmp_path / "pw.yaml", [], {})
+    result = subprocess.run(
+        [sys.executable, "-c", SECCOMP_LAUNCHER, sys.executable, "-m", "portwatch", "run",
+         "--config", str(cfg), "--source", "netlink", "--log-format", "json",
+         "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, check=False, timeout=20, cwd=ROOT,
+    )
+    assert result.returncode == 69, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "--source netlink" in lines[0] and "Traceback" not in result.stderr
 
 
 # --- restarts --------------------------------------------------------------------------------------
