@@ -13,8 +13,7 @@ import errno
 import os
 import pwd
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 from portwatch.model import Process, Proto, Socket
@@ -55,13 +54,25 @@ def _gone_or_denied(exc: OSError) -> Exception:
     return exc
 
 
-@dataclass(slots=True)
 class TableRead:
-    """The listening sockets of one scan of the socket tables."""
+    """The listening sockets of one scan of the socket tables.
 
-    sockets: list[Socket] = field(default_factory=list)
-    complete: bool = True
-    errors: list[str] = field(default_factory=list)
+    A plain class rather than a dataclass: building a dataclass costs
+    `portwatch list` a share of its start-up, which is most of its time on
+    a quiet host.
+    """
+
+    __slots__ = ("complete", "errors", "sockets")
+
+    def __init__(
+        self, sockets: list[Socket] | None = None, complete: bool = True, errors: list[str] | None = None
+    ) -> None:
+        self.sockets: list[Socket] = sockets if sockets is not None else []
+        self.complete = complete
+        self.errors: list[str] = errors if errors is not None else []
+
+    def __repr__(self) -> str:
+        return f"TableRead({len(self.sockets)} sockets, complete={self.complete}, errors={self.errors!r})"
 
 
 class ProcFS:
@@ -71,6 +82,8 @@ class ProcFS:
         self.root = root
         self.byteorder: ByteOrder = byteorder or ("little" if sys.byteorder == "little" else "big")
         self._users: dict[int, str | None] = {}
+        # fd links read so far (listed or re-checked), for the benchmark and debug logs.
+        self.links_read = 0
 
     # -- socket tables -------------------------------------------------------
 
@@ -127,29 +140,84 @@ class ProcFS:
         fd saves the kernel a path walk per fd, which is most of the cost on
         hosts with hundreds of thousands of fds.
         """
+        dfd = self.open_fd_dir(pid)
         try:
-            dfd = os.open(f"{self.root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _gone_or_denied(exc) from None
-        try:
-            return self._socket_fds_at(dfd)
-        except OSError as exc:
-            raise _gone_or_denied(exc) from None
+            return self.socket_fds_at(dfd)
         finally:
             os.close(dfd)
 
-    @staticmethod
-    def _socket_fds_at(dfd: int) -> dict[int, int]:
+    def open_fd_dir(self, pid: int) -> int:
+        """A directory fd on /proc/<pid>/fd (close-on-exec). Raises ProcessGone or AccessDenied.
+
+        Kept open, it stays bound to that very process: once the process
+        exits, reads through it fail even if the pid is reused.
+        """
+        try:
+            return os.open(f"{self.root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise _gone_or_denied(exc) from None
+
+    def socket_fds_at(self, dfd: int) -> dict[int, int]:
+        """{fd: socket inode} read through a directory fd from `open_fd_dir`.
+
+        Raises ProcessGone or AccessDenied. This loop runs once per open fd on
+        the host, so it is kept tight: one readlink per fd and only
+        socket-looking targets go to the parser.
+        """
+        readlink = os.readlink
         found: dict[int, int] = {}
-        for name in os.listdir(dfd):
-            try:
-                target = os.readlink(name, dir_fd=dfd)
-            except FileNotFoundError:
-                continue  # closed since listdir
-            inode = parse_socket_link(target)
-            if inode is not None:
-                found[int(name)] = inode
+        try:
+            names = os.listdir(dfd)
+            self.links_read += len(names)
+            for name in names:
+                try:
+                    target = readlink(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    continue  # closed since listdir
+                if target[:8] == "socket:[":
+                    inode = parse_socket_link(target)
+                    if inode is not None:
+                        found[int(name)] = inode
+        except OSError as exc:
+            raise _gone_or_denied(exc) from None
         return found
+
+    def stale_fds(self, pid: int, dfd: int, links: Mapping[str, str]) -> list[str]:
+        """The fds (names) in `links` whose link target is no longer the one given.
+
+        `links` maps an fd name to the target it had (`socket:[123]`). An fd
+        that was closed, now holds something else, or cannot be read, is
+        stale, and so is every fd once the process has exited. `dfd` is a
+        directory fd from `open_fd_dir`, or -1 to go by path.
+        """
+        readlink = os.readlink
+        stale: list[str] = []
+        self.links_read += len(links)
+        if dfd >= 0:
+            for name, link in links.items():
+                try:
+                    if readlink(name, dir_fd=dfd) == link:
+                        continue
+                except OSError:
+                    pass
+                stale.append(name)
+            return stale
+        base = f"{self.root}/{pid}/fd/"
+        for name, link in links.items():
+            try:
+                if readlink(base + name) == link:
+                    continue
+            except OSError:
+                pass
+            stale.append(name)
+        return stale
+
+    def owner_uid(self, pid: int) -> int | None:
+        """The uid owning /proc/<pid> (the process's effective uid, root when not dumpable)."""
+        try:
+            return os.stat(f"{self.root}/{pid}").st_uid
+        except OSError:
+            return None
 
     def fd_inode(self, pid: int, fd: int) -> int | None:
         """The socket inode behind one fd now, or None when it is closed or not a socket."""
@@ -205,6 +273,16 @@ class ProcFS:
             except KeyError:
                 self._users[uid] = None
         return self._users[uid]
+
+
+def single_threaded() -> bool:
+    """True when this process runs one thread, so fork() is safe (3.12+ warns otherwise)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[-1].split()
+    except OSError:
+        return False
+    return len(fields) > 17 and fields[17] == b"1"  # field 20, num_threads
 
 
 def _read(path: str) -> bytes:

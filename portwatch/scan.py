@@ -2,24 +2,36 @@
 
 Two ways to find holders:
 - `full_scan` walks every process's fds once; the one-shot CLI views use it
-  because they must name every owner of every socket.
+  because they must name every owner of every socket. The walk costs one
+  readlink per open fd on the host, so on a host with several CPUs it is
+  split between this process and forked helpers.
 - `OwnerTracker` is the daemon's: it remembers which (pid, fd) held which
-  inode, re-checks those cheaply each tick, reads the fds of processes that
-  are new since the last tick, and walks everything else only when an inode
-  appears that none of that explains. A slow rotation over the remaining
-  processes catches sockets handed to an old process (SCM_RIGHTS) and
-  refreshes cached process details.
+  listening inode and re-checks exactly those each tick (one readlink each,
+  through a directory fd kept open per holder), reads the fds of processes
+  that are new since the last tick, and searches the others only when an
+  inode appears that none of that explains: recently started processes
+  first, then those of the socket's uid, stopping as soon as every new inode
+  is found. Inodes no process holds are remembered, so they do not cause a
+  search every tick. A slow rotation over all processes catches sockets
+  handed to an old process (SCM_RIGHTS) and refreshes cached process details.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import errno
+import fcntl
+import marshal
+import operator
+import os
+import resource
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 
 from portwatch import sockdiag
-from portwatch.model import Process, Proto, Snapshot, Socket
-from portwatch.proc import AccessDenied, ProcessGone, ProcFS, TableRead
+from portwatch.model import Listener, Process, Proto, Snapshot, Socket
+from portwatch.proc import AccessDenied, ProcessGone, ProcFS, TableRead, single_threaded
 from portwatch.snapshot import build_snapshot
 
 
@@ -29,14 +41,18 @@ class Source(StrEnum):
     PROC = "proc"
 
 
-@dataclass(slots=True)
 class SocketLister:
     """Lists listening sockets through sock_diag or /proc/net."""
 
-    procfs: ProcFS
-    source: Source = Source.AUTO
-    # Why netlink is not used, once it failed in AUTO mode (said once by the caller).
-    fallback_reason: str | None = None
+    __slots__ = ("fallback_reason", "procfs", "source")
+
+    def __init__(
+        self, procfs: ProcFS, source: Source = Source.AUTO, fallback_reason: str | None = None
+    ) -> None:
+        self.procfs = procfs
+        self.source = source
+        # Why netlink is not used, once it failed in AUTO mode (said once by the caller).
+        self.fallback_reason = fallback_reason
 
     @property
     def active_source(self) -> str:
@@ -55,15 +71,27 @@ class SocketLister:
         return self.procfs.read_sockets(protocols, families)
 
 
-@dataclass(slots=True)
 class WalkResult:
-    holders: dict[int, set[int]] = field(default_factory=dict)  # inode -> pids
-    denied: set[int] = field(default_factory=set)
+    """Who holds which of the wanted inodes, and which processes could not be read."""
+
+    __slots__ = ("denied", "holders", "processes")
+
+    def __init__(self) -> None:
+        self.holders: dict[int, set[int]] = {}  # inode -> pids
+        self.denied: set[int] = set()
+        self.processes: dict[int, Process] = {}  # filled by walk_all
+
+    def merge(self, other: WalkResult) -> None:
+        for inode, pids in other.holders.items():
+            self.holders.setdefault(inode, set()).update(pids)
+        self.denied |= other.denied
+        self.processes.update(other.processes)
 
 
 def walk_holders(procfs: ProcFS, inodes: set[int], pids: Iterable[int]) -> WalkResult:
     """Read the fds of `pids` and record which of them hold one of `inodes`."""
     result = WalkResult()
+    holders = result.holders
     for pid in pids:
         try:
             fds = procfs.socket_fds(pid)
@@ -74,7 +102,7 @@ def walk_holders(procfs: ProcFS, inodes: set[int], pids: Iterable[int]) -> WalkR
             continue
         for inode in fds.values():
             if inode in inodes:
-                result.holders.setdefault(inode, set()).add(pid)
+                holders.setdefault(inode, set()).add(pid)
     return result
 
 
@@ -87,53 +115,278 @@ def read_processes(procfs: ProcFS, pids: Iterable[int]) -> dict[int, Process]:
     return found
 
 
+# Below this many processes a helper costs more (fork, page faults) than it saves.
+_MIN_PIDS_PER_HELPER = 200
+_MAX_HELPERS = 3
+_PID = struct.Struct("=i")
+
+
+def walk_all(procfs: ProcFS, inodes: set[int], pids: list[int], *, workers: int | None = None) -> WalkResult:
+    """walk_holders over `pids` plus the details of every holder, on up to `workers` CPUs.
+
+    The kernel does most of the work (a getdents entry and a readlink per
+    fd, ~2 us), so the walk scales with CPUs; threads would not (every
+    readlink hands the GIL over). This process and forked helpers take pids
+    one at a time from a pipe filled beforehand, so a process with
+    thousands of fds does not leave one of them waiting for the other, and
+    the helpers send back what they found with marshal. fork() is only used
+    while this process is single-threaded; if a helper fails, the walk is
+    done again here.
+    """
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0))
+        workers = min(cpus, _MAX_HELPERS + 1, len(pids) // _MIN_PIDS_PER_HELPER or 1)
+    workers = max(1, min(workers, len(pids)))
+    queue = _pid_queue(pids) if workers > 1 and single_threaded() else None
+    if queue is None:
+        return _walk_share(procfs, inodes, pids)
+    helpers: list[tuple[int, int]] = []
+    try:
+        for _ in range(workers - 1):
+            try:
+                helpers.append(_fork_helper(procfs, inodes, queue))
+            except OSError:
+                break  # no fork (EAGAIN, ENOMEM): fewer hands
+        result = _walk_share(procfs, inodes, _take(queue))
+    finally:
+        os.close(queue)
+    results = [_collect(pid, rfd) for pid, rfd in helpers]
+    for other in results:
+        if other is None:  # which pids it took is unknown: walk them all here
+            return _walk_share(procfs, inodes, pids)
+        result.merge(other)
+    return result
+
+
+def _pid_queue(pids: list[int]) -> int | None:
+    """The read end of a pipe holding every pid (closed for writing), or None if they do not fit."""
+    data = b"".join(_PID.pack(pid) for pid in pids)
+    rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if len(data) > 65536:
+            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, len(data))
+        if os.write(wfd, data) == len(data):
+            return rfd
+    except OSError:
+        pass
+    finally:
+        os.close(wfd)
+    os.close(rfd)
+    return None
+
+
+def _take(queue: int) -> Iterator[int]:
+    """Pids from the queue until it is empty; a read of one pid is atomic, so no pid is taken twice."""
+    read, size, unpack = os.read, _PID.size, _PID.unpack
+    while chunk := read(queue, size):
+        yield unpack(chunk)[0]
+
+
+def _walk_share(procfs: ProcFS, inodes: set[int], pids: Iterable[int]) -> WalkResult:
+    result = walk_holders(procfs, inodes, pids)
+    holder_pids = set().union(*result.holders.values()) if result.holders else set()
+    result.processes = read_processes(procfs, holder_pids)
+    return result
+
+
+def _fork_helper(procfs: ProcFS, inodes: set[int], queue: int) -> tuple[int, int]:
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(rfd)
+        os.close(wfd)
+        raise
+    if pid == 0:  # the helper: walk, send, and leave without running any of the parent's cleanup
+        code = 1
+        try:
+            os.close(rfd)
+            found = _walk_share(procfs, inodes, _take(queue))
+            data = marshal.dumps((
+                {inode: list(pids) for inode, pids in found.holders.items()},
+                list(found.denied),
+                [(p.pid, p.comm, p.exe, p.cmdline, p.uid, p.user, p.unit) for p in found.processes.values()],
+            ))
+            view = memoryview(data)
+            while view:
+                view = view[os.write(wfd, view):]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    return pid, rfd
+
+
+def _collect(pid: int, rfd: int) -> WalkResult | None:
+    """A helper's result, or None when it failed."""
+    chunks = []
+    try:
+        while chunk := os.read(rfd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(rfd)
+        _, status = os.waitpid(pid, 0)
+    if status != 0:
+        return None
+    # Our own helper wrote it, through a pipe nobody else holds.
+    holders, denied, processes = marshal.loads(b"".join(chunks))  # noqa: S302
+    result = WalkResult()
+    result.holders = {inode: set(pids) for inode, pids in holders.items()}
+    result.denied = set(denied)
+    result.processes = {p[0]: Process(*p) for p in processes}
+    return result
+
+
 def full_scan(
     procfs: ProcFS,
     lister: SocketLister,
     protocols: Iterable[Proto] = (Proto.TCP, Proto.UDP),
     families: Iterable[int] = (4, 6),
+    *,
+    workers: int | None = None,
 ) -> Snapshot:
-    """One complete snapshot: every listener and every process holding it."""
+    """One complete snapshot: every listener and every process holding it.
+
+    `workers`: how many processes share the walk (default: one per CPU, at
+    most 4, and one per 200 processes on the host).
+    """
     table = lister.list(protocols, families)
     inodes = {s.inode for s in table.sockets if s.inode}
-    walk = walk_holders(procfs, inodes, procfs.pids())
-    holder_pids = set().union(*walk.holders.values()) if walk.holders else set()
+    walk = walk_all(procfs, inodes, procfs.pids(), workers=workers)
     return build_snapshot(
         table.sockets,
         walk.holders,
-        read_processes(procfs, holder_pids),
+        walk.processes,
         complete=table.complete,
         denied_pids=len(walk.denied),
     )
 
 
-@dataclass(slots=True)
-class TickStats:
-    """What one tracker update cost, for the benchmark and debug logs."""
+# -- the daemon's incremental resolution ---------------------------------------
 
-    rechecked_fds: int = 0
-    walked_pids: int = 0
-    full_walk: bool = False
+
+class TickStats:
+    """What one tracker update did and cost (seconds of wall time), for the benchmark and debug logs."""
+
+    __slots__ = (
+        "full_walk", "links_read", "rebuilt", "recheck_s", "rechecked_fds", "rotate_s", "search_s",
+        "snapshot_s", "total_s", "walked_pids",
+    )
+
+    def __init__(self) -> None:
+        self.rechecked_fds = 0  # holder fds re-checked with one readlink each
+        self.walked_pids = 0  # processes whose fd directory was read whole
+        self.links_read = 0  # fd links read, re-checks included: the syscalls that cost
+        self.full_walk = False  # an inode nothing explained made us search old processes
+        self.rebuilt = 0  # listeners built anew (the rest were carried over unchanged)
+        self.recheck_s = 0.0
+        self.search_s = 0.0  # new and hinted processes, and the search for unexplained inodes
+        self.rotate_s = 0.0
+        self.snapshot_s = 0.0
+        self.total_s = 0.0
+
+    def __repr__(self) -> str:
+        return "TickStats(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+class _Holder:
+    """The listening sockets one process holds, as fd name -> link text (`socket:[inode]`).
+
+    The link text is what a re-check compares readlink's answer with; the
+    inode is parsed back out of it only when something changed.
+    """
+
+    __slots__ = ("dfd", "links")
+
+    def __init__(self, dfd: int) -> None:
+        self.dfd = dfd  # a directory fd on /proc/<pid>/fd, or -1 (re-check by path)
+        self.links: dict[str, str] = {}
+
+    def inodes(self) -> set[int]:
+        return {_inode(link) for link in self.links.values()}
+
+
+def _inode(link: str) -> int:
+    return int(link[8:-1])  # only ever built by us from an int: socket:[123]
+
+
+_FD_NAMES: dict[int, str] = {}
+
+
+def _fd_name(fd: int) -> str:
+    """str(fd), one string shared by every holder (listeners sit on the same few fd numbers)."""
+    name = _FD_NAMES.get(fd)
+    if name is None:
+        name = str(fd)
+        if len(_FD_NAMES) < 65536:
+            _FD_NAMES[fd] = name
+    return name
+
+
+# Processes first seen within this many ticks are searched first for a new inode.
+RECENT_TICKS = 120
+# Leave this share of RLIMIT_NOFILE (at least 256 fds) to the rest of the daemon.
+_FD_RESERVE = 4
+_PROGRESS_EVERY = 256  # processes walked between two on_progress calls
+_PID_COST = 8  # a process costs about as much as this many fds to open, list and close
 
 
 class OwnerTracker:
-    """Incremental owner resolution for the daemon (see the module docstring)."""
+    """Incremental owner resolution for the daemon (see the module docstring).
+
+    Keeps one directory fd open per holding process (within RLIMIT_NOFILE:
+    raise the soft limit to serve big hosts); `close()` releases them.
+    """
 
     def __init__(self, procfs: ProcFS, *, rotation_ticks: int = 30) -> None:
         self.procfs = procfs
         self.rotation_ticks = max(1, rotation_ticks)
-        self._pid_fds: dict[int, dict[int, int]] = {}  # holder pid -> {fd: listening inode}
+        self._holders: dict[int, _Holder] = {}  # pid -> its listening fds
+        # inode -> its holder's pid, or a tuple of them when there are several (memory: most
+        # sockets have one holder, and a set would cost 200 bytes each)
+        self._held: dict[int, int | tuple[int, ...]] = {}
         self._known_pids: set[int] = set()
-        self._unresolved: set[int] = set()  # inodes a full walk found no holder for
-        self._processes: dict[int, Process] = {}
+        # pid -> the last tick it started, was hinted, or opened a listener: where new listeners appear
+        self._recent: dict[int, int] = {}
+        self._unresolved: set[int] = set()  # inodes a search found no holder for
+        self._processes: dict[int, Process] = {}  # details of holders
+        self._refresh: set[int] = set()  # holders whose details must be read again
         self._denied: set[int] = set()
-        self._rotation: list[int] = []
+        self._slots: list[set[int]] = [set() for _ in range(self.rotation_ticks)]  # the rotation
+        self._slot_of: dict[int, int] = {}
+        self._weight: dict[int, int] = {}  # pid -> what reading it cost last time (fds + a bit)
+        self._load: list[int] = [0] * self.rotation_ticks  # the sum of the weights in each slot
+        self._next_slot = 0
+        self._dirty: set[int] = set()  # inodes whose Listener must be built anew
+        self._vanished: set[int] = set()  # listed this tick, but closed before their holder was found
+        self._snapshot: Snapshot | None = None
+        self._last_sockets: list[Socket] = []
+        self._last_listening: set[int] = set()
+        self._tick = 0
+        self._dir_fds = 0
+        self._dir_fd_cap: int | None = None  # lowered once the process ran out of fds
         self.last = TickStats()
 
+    # -- public --------------------------------------------------------------
+
     def forget_processes(self, pids: Iterable[int]) -> None:
-        """Drop cached details (after exec) so they are read again."""
+        """Read these processes' details again (after exec) at the next update."""
         for pid in pids:
-            self._processes.pop(pid, None)
+            holder = self._holders.get(pid)
+            if holder is not None:
+                self._refresh.add(pid)
+                self._dirty.update(holder.inodes())
+
+    def close(self) -> None:
+        """Release the kept directory fds. The tracker can still be used (it reopens them)."""
+        for holder in self._holders.values():
+            self._close_dir(holder)
+
+    def __enter__(self) -> OwnerTracker:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
     def update(
         self,
@@ -142,102 +395,379 @@ class OwnerTracker:
         complete: bool,
         hint_pids: Iterable[int] = (),
         on_progress: Callable[[], None] | None = None,
+        relist: Callable[[], Iterable[int]] | None = None,
+        rotate: bool = True,
     ) -> Snapshot:
+        """Resolve the holders of `sockets` (this tick's listing) and return the snapshot.
+
+        `hint_pids`: processes to read whole now (the proc connector's forks
+        and execs). `on_progress` is called every few hundred processes of a
+        long walk (the watchdog). `relist`, when given, lists the listening
+        inodes again; it is called before searching old processes for an
+        inode, so a listener that closed since `sockets` were listed (a
+        short-lived process that exited) does not cost a walk of every
+        process. `rotate=False` skips this update's rotation step: for the
+        extra updates run while processes start, so that the rotation keeps
+        the pace of the regular ones.
+        """
+        clock = time.perf_counter
+        start = clock()
         stats = TickStats()
-        listening = {s.inode for s in sockets if s.inode}
-        self._recheck(listening, stats)
+        links_before = self.procfs.links_read
+        self._tick += 1
+        # sock_diag hands back the very Socket objects of the last listing when nothing changed:
+        # then the set of inodes, the check for closed listeners and the snapshot are the last ones.
+        last = self._last_sockets
+        same = len(sockets) == len(last) and all(map(operator.is_, sockets, last))
+        listening = self._last_listening if same else {s.inode for s in sockets if s.inode}
+        self._last_sockets, self._last_listening = list(sockets), listening  # a copy: callers may reuse lists
+        self._recheck(listening, stats, some_closed=not same)
+        t_recheck = clock()
+
         current = set(self.procfs.pids())
+        for pid in self._known_pids - current:
+            self._forget_pid(pid)
+        new = current - self._known_pids
+        hinted = current.intersection(hint_pids)
+        if self._tick > 1:  # at the first update everything is new, and nothing is recent
+            for pid in new | hinted:
+                self._recent[pid] = self._tick
         walked: set[int] = set()
-
         # New processes first: forked workers inherit listeners, new servers open them.
-        fresh = (current - self._known_pids) | (set(hint_pids) & current)
-        self._walk(fresh, listening, walked, stats)
-        if on_progress:
-            on_progress()
-
-        held = self._held_inodes()
-        missing = listening - held - self._unresolved
+        self._walk(new | hinted, listening, walked, stats, on_progress)
+        stats.full_walk = self._tick == 1
+        missing = listening - self._held.keys() - self._unresolved
         if missing:
-            # Pid order says nothing about age (pids wrap), so walk everyone
-            # left until every new inode is found.
             stats.full_walk = True
-            for pid in current - walked:
-                self._walk((pid,), listening, walked, stats)
-                if len(walked) % 256 == 0 and on_progress:
-                    on_progress()
-                missing -= self._held_inodes_of(pid)
-                if not missing:
-                    break
-            self._unresolved |= missing
+            self._search(
+                missing=missing, sockets=sockets, candidates=current - walked, listening=listening,
+                walked=walked, stats=stats, on_progress=on_progress, relist=relist,
+            )
         self._unresolved &= listening
+        t_search = clock()
 
-        self._rotate(current, walked, listening, stats)
+        if rotate:
+            self._rotate(current, walked, listening, stats, on_progress)
         self._known_pids = current
         self._denied &= current
+        if self._recent and self._tick % 10 == 0:
+            oldest = self._tick - RECENT_TICKS
+            self._recent = {p: t for p, t in self._recent.items() if t > oldest}
+        t_rotate = clock()
+
+        if self._vanished:
+            sockets = [s for s in sockets if s.inode not in self._vanished]
+            self._vanished.clear()
+            same = False
+        snap = self._build(sockets, complete, stats, same=same)
+        end = clock()
+        stats.links_read = self.procfs.links_read - links_before
+        stats.recheck_s = t_recheck - start
+        stats.search_s = t_search - t_recheck
+        stats.rotate_s = t_rotate - t_search
+        stats.snapshot_s = end - t_rotate
+        stats.total_s = end - start
         self.last = stats
-        return self._snapshot(sockets, complete)
+        return snap
 
-    def _recheck(self, listening: set[int], stats: TickStats) -> None:
-        for pid in list(self._pid_fds):
-            fds = self._pid_fds[pid]
-            for fd, inode in list(fds.items()):
-                stats.rechecked_fds += 1
-                now = None
-                if inode in listening:
-                    try:
-                        now = self.procfs.fd_inode(pid, fd)
-                    except AccessDenied:
-                        now = None
-                if now != inode:
-                    del fds[fd]
-            if not fds:
-                del self._pid_fds[pid]
-                self._processes.pop(pid, None)
+    # -- re-checking what is known ---------------------------------------------
 
-    def _walk(self, pids: Iterable[int], listening: set[int], walked: set[int], st: TickStats) -> None:
-        for pid in pids:
-            walked.add(pid)
-            st.walked_pids += 1
-            try:
-                fds = self.procfs.socket_fds(pid)
-            except ProcessGone:
-                self._pid_fds.pop(pid, None)
-                continue
-            except AccessDenied:
-                self._denied.add(pid)
-                continue
-            self._denied.discard(pid)
-            mine = {fd: inode for fd, inode in fds.items() if inode in listening}
-            if mine:
-                self._pid_fds[pid] = mine
+    def _recheck(self, listening: set[int], stats: TickStats, *, some_closed: bool) -> None:
+        if some_closed and not self._held.keys() <= listening:  # drop the fds of closed listeners
+            for pid, holder in list(self._holders.items()):
+                gone = [name for name, link in holder.links.items() if _inode(link) not in listening]
+                if gone:
+                    self._drop_fds(pid, holder, gone)
+        stale_fds = self.procfs.stale_fds
+        for pid, holder in list(self._holders.items()):
+            stats.rechecked_fds += len(holder.links)
+            stale = stale_fds(pid, holder.dfd, holder.links)
+            if stale:
+                self._drop_fds(pid, holder, stale)
+
+    def _drop_fds(self, pid: int, holder: _Holder, names: list[str]) -> None:
+        for name in names:
+            link = holder.links.pop(name)
+            if link not in holder.links.values():  # the same socket may sit on two fds
+                self._unhold(_inode(link), pid)
+        if not holder.links:
+            self._drop_holder(pid)
+
+    def _unhold(self, inode: int, pid: int) -> None:
+        if inode in self._held:
+            rest = tuple(p for p in self._holders_of(inode) if p != pid)
+            if len(rest) > 1:
+                self._held[inode] = rest
+            elif rest:
+                self._held[inode] = rest[0]
             else:
-                self._pid_fds.pop(pid, None)
+                del self._held[inode]
+        self._dirty.add(inode)
 
-    def _rotate(self, current: set[int], walked: set[int], listening: set[int], st: TickStats) -> None:
-        """Walk a slice of the processes not walked this tick, and refresh their details."""
-        if not self._rotation:
-            self._rotation = sorted(current)
-        share = max(1, len(current) // self.rotation_ticks)
-        batch, self._rotation = self._rotation[:share], self._rotation[share:]
-        todo = [pid for pid in batch if pid in current and pid not in walked]
-        self._walk(todo, listening, walked, st)
-        self.forget_processes(todo)
+    def _drop_holder(self, pid: int) -> None:
+        holder = self._holders.pop(pid, None)
+        if holder is not None:
+            for inode in holder.inodes():
+                self._unhold(inode, pid)
+            self._close_dir(holder)
+        self._processes.pop(pid, None)
+        self._refresh.discard(pid)
 
-    def _held_inodes(self) -> set[int]:
-        return {inode for fds in self._pid_fds.values() for inode in fds.values()}
+    def _forget_pid(self, pid: int) -> None:
+        self._drop_holder(pid)
+        self._recent.pop(pid, None)
+        slot = self._slot_of.pop(pid, None)
+        if slot is not None:
+            self._slots[slot].discard(pid)
+            self._load[slot] -= self._weight.pop(pid)
+        self._denied.discard(pid)
 
-    def _held_inodes_of(self, pid: int) -> set[int]:
-        return set(self._pid_fds.get(pid, {}).values())
+    # -- reading processes ---------------------------------------------------
 
-    def _snapshot(self, sockets: list[Socket], complete: bool) -> Snapshot:
-        holders: dict[int, set[int]] = {}
-        for pid, fds in self._pid_fds.items():
-            for inode in fds.values():
-                holders.setdefault(inode, set()).add(pid)
-            if pid not in self._processes:
-                info = self.procfs.process(pid)
-                if info is not None:
-                    self._processes[pid] = info
-        return build_snapshot(
-            sockets, holders, self._processes, complete=complete, denied_pids=len(self._denied)
+    def _walk(
+        self,
+        pids: Iterable[int],
+        listening: set[int],
+        walked: set[int],
+        stats: TickStats,
+        on_progress: Callable[[], None] | None,
+    ) -> None:
+        for pid in pids:
+            self._walk_one(pid, listening, walked, stats)
+            if on_progress is not None and stats.walked_pids % _PROGRESS_EVERY == 0:
+                on_progress()
+
+    def _walk_one(self, pid: int, listening: set[int], walked: set[int], stats: TickStats) -> None:
+        """Read all of `pid`'s fds and record the listening ones."""
+        walked.add(pid)
+        stats.walked_pids += 1
+        links_before = self.procfs.links_read
+        holder = self._holders.get(pid)
+        dfd = holder.dfd if holder is not None else -1
+        opened = dfd < 0
+        try:
+            if opened:
+                dfd = self._open_dir(pid)
+            fds = self.procfs.socket_fds_at(dfd)
+        except ProcessGone:
+            if opened and dfd >= 0:
+                os.close(dfd)
+            self._forget_pid(pid)
+            return
+        except AccessDenied:
+            if opened and dfd >= 0:
+                os.close(dfd)
+            self._denied.add(pid)
+            self._weigh(pid, 0)  # tried again at each rotation: its owner may change
+            self._drop_holder(pid)
+            return
+        self._denied.discard(pid)
+        self._weigh(pid, self.procfs.links_read - links_before)
+        mine = {_fd_name(fd): inode for fd, inode in fds.items() if inode in listening}
+        if not mine:
+            if opened:
+                os.close(dfd)
+            self._drop_holder(pid)
+            return
+        if holder is None:
+            holder = self._holders[pid] = _Holder(-1)
+        if opened:
+            if self._dir_fds < self._dir_fd_budget():
+                holder.dfd = dfd
+                self._dir_fds += 1
+            else:
+                os.close(dfd)
+        links = {name: f"socket:[{inode}]" for name, inode in mine.items()}
+        if links != holder.links:
+            before = holder.inodes()
+            holder.links = links
+            after = set(mine.values())
+            for inode in before - after:
+                self._unhold(inode, pid)
+            for inode in after - before:
+                held = self._held.get(inode)
+                self._held[inode] = pid if held is None else (*self._holders_of(inode), pid)
+                self._unresolved.discard(inode)
+                self._dirty.add(inode)
+            if after - before and self._tick > 1:
+                self._recent[pid] = self._tick
+
+    def _search(
+        self,
+        *,
+        missing: set[int],
+        sockets: list[Socket],
+        candidates: set[int],
+        listening: set[int],
+        walked: set[int],
+        stats: TickStats,
+        on_progress: Callable[[], None] | None,
+        relist: Callable[[], Iterable[int]] | None,
+    ) -> None:
+        """Walk old processes until every inode in `missing` is found, likeliest first.
+
+        Pid numbers wrap, so they say nothing about age; what this tracker saw
+        does. First the processes it saw start, exec or open a listener
+        lately (newest first: a server that opened one port often opens
+        more), then those running as the socket's uid (the kernel records the
+        creator's uid on the socket), then everyone else. Whatever is still
+        missing after all of them has no visible holder.
+        """
+
+        def visit(pid: int) -> bool:
+            self._walk_one(pid, listening, walked, stats)
+            if on_progress is not None and stats.walked_pids % _PROGRESS_EVERY == 0:
+                on_progress()
+            missing.difference_update(self._inodes_of(pid))
+            return not missing
+
+        seen = self._recent
+        recent = sorted((p for p in candidates if p in seen), key=seen.__getitem__, reverse=True)
+        for pid in recent:
+            if visit(pid):
+                return
+        if relist is not None:
+            # Those closed since the listing need no search, and are no longer listeners.
+            try:
+                vanished = missing.difference(relist())
+            except Exception:  # a failed listing proves nothing closed: search for all of them
+                vanished = set()
+            self._vanished |= vanished
+            missing -= vanished
+            if not missing:
+                return
+        uids = {s.uid for s in sockets if s.inode in missing}
+        later: list[int] = []
+        for pid in candidates.difference(recent):
+            if self.procfs.owner_uid(pid) not in uids:
+                later.append(pid)
+            elif visit(pid):
+                return
+        for pid in later:
+            if visit(pid):
+                return
+        self._unresolved |= missing
+
+    def _rotate(
+        self,
+        current: set[int],
+        walked: set[int],
+        listening: set[int],
+        stats: TickStats,
+        on_progress: Callable[[], None] | None,
+    ) -> None:
+        """Walk the next slot's processes (those not walked this tick), and refresh their details.
+
+        Every process has a slot, so each is read once every rotation_ticks
+        rotation steps. A new process goes to the slot with the least work
+        (fds read at the last visit): slots by pid number would put
+        processes started together, often alike (a pool of workers with
+        thousands of connections each), in one tick.
+        """
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % self.rotation_ticks
+        todo = [pid for pid in self._slots[slot] if pid in current and pid not in walked]
+        self._walk(todo, listening, walked, stats, on_progress)
+        self._refresh.update(pid for pid in todo if pid in self._holders)
+
+    def _weigh(self, pid: int, links: int) -> None:
+        """Record what reading `pid` cost, giving it a rotation slot when it has none."""
+        cost = links + _PID_COST
+        slot = self._slot_of.get(pid)
+        if slot is None:
+            slot = min(range(self.rotation_ticks), key=self._load.__getitem__)
+            self._slot_of[pid] = slot
+            self._slots[slot].add(pid)
+            self._load[slot] += cost
+        else:
+            self._load[slot] += cost - self._weight[pid]
+        self._weight[pid] = cost
+
+    def _holders_of(self, inode: int) -> tuple[int, ...]:
+        held = self._held.get(inode, ())
+        return (held,) if isinstance(held, int) else held
+
+    def _inodes_of(self, pid: int) -> set[int]:
+        holder = self._holders.get(pid)
+        return holder.inodes() if holder is not None else set()
+
+    # -- directory fds -----------------------------------------------------------
+
+    def _open_dir(self, pid: int) -> int:
+        try:
+            return self.procfs.open_fd_dir(pid)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._dir_fds:
+                raise
+        # Out of fds: give the kept ones back and keep fewer from now on.
+        self._dir_fd_cap = self._dir_fds // 2
+        self.close()
+        return self.procfs.open_fd_dir(pid)
+
+    def _close_dir(self, holder: _Holder) -> None:
+        if holder.dfd >= 0:
+            os.close(holder.dfd)
+            holder.dfd = -1
+            self._dir_fds -= 1
+
+    def _dir_fd_budget(self) -> int:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        budget = max(0, soft - max(256, soft // _FD_RESERVE))
+        return budget if self._dir_fd_cap is None else min(budget, self._dir_fd_cap)
+
+    # -- the snapshot ----------------------------------------------------------------
+
+    def _build(self, sockets: list[Socket], complete: bool, stats: TickStats, *, same: bool) -> Snapshot:
+        """The snapshot, carrying over every Listener that did not change (and the Snapshot itself).
+
+        `same`: `sockets` are the very objects of the last update, in order.
+        """
+        for pid in self._refresh:
+            info = self.procfs.process(pid)
+            if info is not None and info != self._processes.get(pid):
+                self._processes[pid] = info
+                self._dirty.update(self._inodes_of(pid))
+        self._refresh.clear()
+        for pid in self._holders.keys() - self._processes.keys():
+            info = self.procfs.process(pid)
+            if info is not None:
+                self._processes[pid] = info
+                self._dirty.update(self._inodes_of(pid))
+
+        previous = self._snapshot
+        denied = len(self._denied)
+        if (same and not self._dirty and previous is not None and previous.complete == complete
+                and previous.denied_pids == denied):
+            return previous
+        dirty, self._dirty = self._dirty, set()
+        if previous is None or previous.complete != complete or previous.denied_pids != denied:
+            old: dict[int, Listener] = {}
+        else:
+            old = previous.listeners
+        listeners: dict[int, Listener | None] = {}
+        rebuild: list[Socket] = []
+        for sock in sockets:
+            inode = sock.inode
+            before = old.get(inode)
+            if before is not None and inode not in dirty and (before.socket is sock or before.socket == sock):
+                listeners[inode] = before
+            else:
+                listeners[inode] = None
+                rebuild.append(sock)
+        stats.rebuilt = len(rebuild)
+        if not rebuild and previous is not None and len(listeners) == len(old):
+            return previous  # nothing changed: the very same snapshot
+        if rebuild:
+            holders = {s.inode: self._holders_of(s.inode) for s in rebuild}
+            fresh = build_snapshot(rebuild, holders, self._processes, complete=complete, denied_pids=denied)
+            for inode, listener in fresh.listeners.items():
+                listeners[inode] = listener
+        snap = Snapshot(
+            {inode: listener for inode, listener in listeners.items() if listener is not None},
+            complete=complete,
+            denied_pids=denied,
         )
+        self._snapshot = snap
+        return snap

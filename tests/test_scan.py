@@ -1,0 +1,353 @@
+"""Owner resolution against real processes: the daemon's OwnerTracker and the one-shot full_scan.
+
+The tracker is fed only the sockets each test opened (filtered from a real
+sock_diag dump), so other processes on the host can open and close
+listeners meanwhile without changing what is asserted; it still reads every
+process on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from portwatch import scan
+from portwatch.model import Proto, Snapshot, Socket
+from portwatch.proc import ProcFS, single_threaded
+from portwatch.scan import OwnerTracker, SocketLister, Source, full_scan
+from portwatch.sockdiag import list_listeners
+from tests.conftest import Holder
+
+TCP4 = {"proto": "tcp", "family": 4, "address": "127.0.0.1"}
+
+# A process that takes commands on stdin and answers one JSON line each. It
+# forks a partner at start (an "old" process with no sockets to speak of);
+# `send` hands the listener to the partner over SCM_RIGHTS, which keeps it.
+HELPER = r"""
+import json, os, signal, socket, sys
+mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+partner = os.fork()
+if partner == 0:
+    mine.close()
+    kept = []
+    while True:
+        _msg, fds, _flags, _addr = socket.recv_fds(theirs, 16, 4)
+        kept.extend(fds)
+mine_only, limbo = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+listener = None
+def say(**kw):
+    sys.stdout.write(json.dumps(kw) + "\n"); sys.stdout.flush()
+def new_listener():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8)
+    return s
+say(pid=os.getpid(), partner=partner)
+for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == "listen":
+        listener = new_listener()
+        say(inode=os.fstat(listener.fileno()).st_ino)
+    elif cmd == "send":
+        socket.send_fds(mine, [b"x"], [listener.fileno()])
+        say(sent=True)
+    elif cmd == "close":
+        listener.close()
+        say(closed=True)
+    elif cmd == "inflight":
+        # Sent into a queue nobody reads, then closed: only the kernel holds it now.
+        s = new_listener()
+        inode = os.fstat(s.fileno()).st_ino
+        socket.send_fds(mine_only, [b"x"], [s.fileno()])
+        s.close()
+        say(inode=inode)
+    elif cmd == "exec":
+        os.set_inheritable(listener.fileno(), True)
+        say(exec=True)
+        os.execv("/bin/sleep", ["sleep", "60"])
+os.kill(partner, signal.SIGKILL)
+"""
+
+
+class Helper:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", HELPER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        hello = self._read()
+        self.pid: int = hello["pid"]
+        self.partner: int = hello["partner"]
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, "helper exited"
+        return dict(json.loads(line))
+
+    def ask(self, command: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        for pid in (self.partner, self.pid):  # both ours; by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def helper() -> Iterator[Helper]:
+    h = Helper()
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def tracker() -> Iterator[OwnerTracker]:
+    t = OwnerTracker(ProcFS(), rotation_ticks=4)
+    yield t
+    t.close()
+
+
+def sockets_of(inodes: set[int]) -> list[Socket]:
+    return [s for s in list_listeners() if s.inode in inodes]
+
+
+def update(tracker: OwnerTracker, inodes: set[int], **kw: Any) -> Snapshot:
+    return tracker.update(sockets_of(inodes), complete=True, **kw)
+
+
+def pids_of(snap: Snapshot, inode: int) -> set[int]:
+    return set(snap.listeners[inode].pids)
+
+
+def wait_for_comm(pid: int, comm: str) -> None:
+    deadline = time.monotonic() + 5
+    while (info := ProcFS().process(pid)) is None or info.comm != comm:
+        assert time.monotonic() < deadline, f"{pid} never became {comm}"
+        time.sleep(0.02)
+
+
+def test_new_listener_new_holders_and_a_lost_worker(
+    holders: Callable[..., Holder], tracker: OwnerTracker
+) -> None:
+    """A server started after the first update is found with its forked workers, without a
+    search; a worker that exits is dropped at the next update, again without a search."""
+    update(tracker, set())
+    server = holders([TCP4, {**TCP4, "proto": "udp"}], fork=2)
+    inodes = {s["inode"] for s in server.sockets}
+    snap = update(tracker, inodes)
+    everyone = {server.pid, *server.children}
+    assert {i: pids_of(snap, i) for i in inodes} == dict.fromkeys(inodes, everyone)
+    assert not tracker.last.full_walk  # new processes were read; nothing else had to be
+    os.kill(server.children[0], signal.SIGKILL)  # a zombie now: its fds are gone
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        snap = update(tracker, inodes)
+        if server.children[0] not in pids_of(snap, server.inode):
+            break
+        time.sleep(0.05)
+    assert {i: pids_of(snap, i) for i in inodes} == {i: everyone - {server.children[0]} for i in inodes}
+    assert snap.listeners[server.inode].processes[0].comm.startswith("python")
+    assert not tracker.last.full_walk
+
+
+def test_handover_to_an_old_process(helper: Helper, tracker: OwnerTracker) -> None:
+    """SCM_RIGHTS to a process that was there before: a copy is caught by the rotation
+    within rotation_ticks updates; once the sender closes its own, at the next update."""
+    update(tracker, set())
+    inode = helper.ask("listen")["inode"]
+    snap = update(tracker, {inode})
+    assert pids_of(snap, inode) == {helper.pid}
+    assert tracker.last.full_walk  # an old process opened it: it had to be searched for
+    helper.ask("send")
+    found_after = None
+    for n in range(1, tracker.rotation_ticks + 1):
+        snap = update(tracker, {inode})
+        if helper.partner in pids_of(snap, inode):
+            found_after = n
+            break
+    assert found_after is not None, "the rotation never reached the receiver"
+    assert pids_of(snap, inode) == {helper.pid, helper.partner}
+    helper.ask("close")
+    snap = update(tracker, {inode})
+    assert pids_of(snap, inode) == {helper.partner}
+
+
+def test_handover_with_the_sender_closing_is_seen_at_once(helper: Helper, tracker: OwnerTracker) -> None:
+    update(tracker, set())
+    inode = helper.ask("listen")["inode"]
+    update(tracker, {inode})
+    helper.ask("send")
+    helper.ask("close")
+    snap = update(tracker, {inode})
+    assert pids_of(snap, inode) == {helper.partner}
+
+
+def test_unresolvable_inode_is_remembered(helper: Helper, tracker: OwnerTracker) -> None:
+    """A listener no process holds (in flight in a unix socket's queue) is searched for
+    once; the next updates do not walk every process again."""
+    update(tracker, set())
+    inode = helper.ask("inflight")["inode"]
+    snap = update(tracker, {inode})
+    assert snap.listeners[inode].processes == ()
+    assert snap.listeners[inode].unresolved is not None
+    assert tracker.last.full_walk
+    for _ in range(3):
+        snap = update(tracker, {inode})
+        assert not tracker.last.full_walk
+        assert snap.listeners[inode].processes == ()
+
+
+def test_listener_closed_before_its_holder_is_found_costs_no_walk(helper: Helper) -> None:
+    """A listener listed, then closed by an old process before the update: with `relist` the
+    tracker sees it is gone instead of reading every process, and leaves it out. Without,
+    it reads (nearly) every process and reports the listener with no owner."""
+    with_relist, without = (OwnerTracker(ProcFS(), rotation_ticks=10_000) for _ in range(2))
+    try:
+        for tracker in (with_relist, without):
+            tracker.update([], complete=True)
+            tracker.update([], complete=True)  # the helper is no longer "recent" after this
+        inode = helper.ask("listen")["inode"]
+        listed = sockets_of({inode})
+        helper.ask("close")
+        host = len(ProcFS().pids())
+        snap = with_relist.update(listed, complete=True, relist=lambda: {s.inode for s in list_listeners()})
+        assert inode not in snap.listeners
+        assert with_relist.last.walked_pids < host // 4  # new processes, the helper, one rotation step
+        snap = without.update(listed, complete=True)
+        assert snap.listeners[inode].processes == ()
+        assert without.last.walked_pids > host // 2
+    finally:
+        with_relist.close()
+        without.close()
+
+
+def test_exec_refreshes_details_when_hinted(helper: Helper, tracker: OwnerTracker) -> None:
+    """A holder that execs keeps its listener; the exec hint (what the proc connector gives)
+    makes the next update read its details again. Without a hint the rotation does it."""
+    update(tracker, set())
+    inode = helper.ask("listen")["inode"]
+    before = update(tracker, {inode}).listeners[inode].processes[0]
+    assert before.comm.startswith("python")
+    helper.ask("exec")
+    wait_for_comm(helper.pid, "sleep")
+    # rotate=False: only what this test does may refresh the details.
+    stale = update(tracker, {inode}, rotate=False).listeners[inode].processes[0]
+    assert stale == before  # nothing told it; cached details stand until the rotation
+    tracker.forget_processes([helper.pid])
+    fresh = update(tracker, {inode}, hint_pids=[helper.pid], rotate=False).listeners[inode].processes[0]
+    assert (fresh.pid, fresh.comm, fresh.exe) == (helper.pid, "sleep", os.path.realpath("/bin/sleep"))
+
+
+def test_exec_without_hint_is_refreshed_by_the_rotation(helper: Helper, tracker: OwnerTracker) -> None:
+    update(tracker, set())
+    inode = helper.ask("listen")["inode"]
+    update(tracker, {inode})
+    helper.ask("exec")
+    wait_for_comm(helper.pid, "sleep")
+    comms = [update(tracker, {inode}).listeners[inode].processes[0].comm
+             for _ in range(tracker.rotation_ticks + 1)]
+    assert comms[-1] == "sleep"
+
+
+def test_unchanged_update_returns_the_same_snapshot(
+    holders: Callable[..., Holder], tracker: OwnerTracker
+) -> None:
+    """Nothing changed: the very same Snapshot (and Listener) objects, nothing rebuilt."""
+    server = holders([TCP4], fork=1)
+    first = update(tracker, {server.inode})
+    again = update(tracker, {server.inode})
+    assert again is first
+    assert tracker.last.rebuilt == 0
+    assert tracker.last.rechecked_fds >= 2
+
+
+def test_close_releases_directory_fds(holders: Callable[..., Holder]) -> None:
+    server = holders([TCP4], fork=3)
+    before = len(os.listdir("/proc/self/fd"))
+    tracker = OwnerTracker(ProcFS())
+    snap = update(tracker, {server.inode})
+    assert len(pids_of(snap, server.inode)) == 4
+    assert len(os.listdir("/proc/self/fd")) >= before + 4  # one kept per holder
+    tracker.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    snap = update(tracker, {server.inode})  # still usable: re-opens what it needs
+    assert len(pids_of(snap, server.inode)) == 4
+    tracker.close()
+
+
+def test_a_forked_helper_sends_back_what_it_found(holders: Callable[..., Holder]) -> None:
+    """The split walk's helper process: it takes pids from the queue, and what it sends back
+    (holders, their details, denied pids) equals what this process finds by itself."""
+    server = holders([TCP4, {**TCP4, "proto": "udp"}], fork=1)
+    inodes = {s["inode"] for s in server.sockets}
+    pids = [server.pid, *server.children, os.getpid()]
+    procfs = ProcFS()
+    queue = scan._pid_queue(pids)
+    assert queue is not None
+    try:
+        pid, rfd = scan._fork_helper(procfs, inodes, queue)
+    finally:
+        os.close(queue)
+    theirs = scan._collect(pid, rfd)  # this process took nothing: the helper read every pid
+    mine = scan._walk_share(procfs, inodes, pids)
+    assert theirs is not None
+    assert (theirs.holders, theirs.denied, theirs.processes) == (mine.holders, mine.denied, mine.processes)
+    assert theirs.holders == {inode: {server.pid, *server.children} for inode in inodes}
+
+
+def _stable(make: Callable[[], Snapshot], other: Callable[[], Snapshot], inodes: set[int]
+            ) -> tuple[Snapshot, Snapshot]:
+    """Two snapshots of the same moment, cut down to `inodes`: retried while the host churns."""
+    for _ in range(6):
+        a, b = (Snapshot({i: x for i, x in s.listeners.items() if i in inodes}, s.complete, s.denied_pids)
+                for s in (make(), other()))
+        if a == b:
+            break
+    return a, b
+
+
+def test_every_path_gives_identical_snapshots(holders: Callable[..., Holder]) -> None:
+    """Over the same live sockets, full_scan through netlink and through /proc/net, serial
+    and split across processes, and the tracker, give equal snapshots (every socket, every
+    holder, every detail), including IPv6, UDP and sockets shared with workers. Compared
+    on this test's sockets: other tests may be opening and closing theirs meanwhile."""
+    a_server = holders([TCP4, {"proto": "tcp", "family": 6, "address": "::1"},
+                        {"proto": "udp", "family": 6, "address": "::", "v6only": 0},
+                        {"proto": "tcp", "family": 6, "address": "::ffff:127.0.0.1", "v6only": 0}], fork=2)
+    b_server = holders([{**TCP4, "proto": "udp"}])
+    mine = {s["inode"] for s in a_server.sockets + b_server.sockets}
+    procfs = ProcFS()
+    netlink, proc = SocketLister(procfs, Source.NETLINK), SocketLister(procfs, Source.PROC)
+    assert single_threaded()  # so the split walk below really forks
+
+    a, b = _stable(lambda: full_scan(procfs, netlink), lambda: full_scan(procfs, proc), mine)
+    assert a == b
+    assert set(a.listeners) == mine
+    assert {len(x.processes) for x in a.listeners.values()} == {3, 1}
+    a, b = _stable(lambda: full_scan(procfs, netlink, workers=1),
+                   lambda: full_scan(procfs, netlink, workers=3), mine)
+    assert a == b
+
+    tracker = OwnerTracker(procfs)
+    try:
+        def tracked() -> Snapshot:
+            table = netlink.list((Proto.TCP, Proto.UDP), (4, 6))
+            return tracker.update(table.sockets, complete=table.complete)
+
+        a, b = _stable(tracked, lambda: full_scan(procfs, netlink), mine)
+        assert a == b
+    finally:
+        tracker.close()
