@@ -6,6 +6,11 @@ when they name the config file. Every call also compares a cheap stat signature 
 lost event (or no inotify at all) costs at most one call. pyinotify is used here and nowhere else
 (see platform-notes.md section 1 for its traps and how each is handled).
 
+A file is reported only when it looks complete: after its writer closed it (IN_CLOSE_WRITE), and
+never between a truncating open and the write that follows (an in-place `cat new > config`),
+which would load an empty, valid config and drop every rule. A change seen by stat alone must
+look the same on two calls in a row.
+
 Single-threaded use: the daemon calls `changed()` when `fileno()` is readable and on every tick.
 """
 
@@ -16,6 +21,7 @@ import logging
 import os
 import stat
 import struct
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -26,6 +32,7 @@ from portwatch.text import escape
 __all__ = ["ConfigWatcher"]
 
 # Kernel ABI (<sys/inotify.h>); stable, so no need to ask pyinotify for them.
+IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_FROM = 0x00000040
@@ -42,10 +49,10 @@ IN_ONLYDIR = 0x01000000
 # Events about a name in the directory that mean "the file is different now". MOVED_FROM and
 # DELETE mean it is gone; the daemon reports that and keeps the last good config.
 _CHANGED = IN_CLOSE_WRITE | IN_MOVED_TO | IN_ATTRIB | IN_MOVED_FROM | IN_DELETE
-# IN_CREATE alone is not a change: a newly created regular file is empty until its writer
-# closes it (IN_CLOSE_WRITE follows). It is watched so that a new symlink or hard link, which
-# gets no CLOSE_WRITE, is seen at once.
-_NAME_EVENTS = _CHANGED | IN_CREATE
+# IN_CREATE and IN_MODIFY are not changes but "being written": a new regular file is empty, and
+# a truncated or half-written one incomplete, until its writer closes it (IN_CLOSE_WRITE
+# follows). IN_CREATE is also how a new symlink or hard link, which gets no CLOSE_WRITE, is seen.
+_NAME_EVENTS = _CHANGED | IN_CREATE | IN_MODIFY
 # Events about the directory itself: its watch is dead (or points elsewhere) and must be re-armed.
 _DIR_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_UNMOUNT | IN_IGNORED
 _DIR_MASK = _NAME_EVENTS | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
@@ -54,6 +61,9 @@ _EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len
 _MAX_EVENT = _EVENT_HEADER.size + 256  # name is at most NAME_MAX + NUL, padded
 _READ_SIZE = 65536
 _MAX_READS = 16  # per call, so a busy directory cannot stall the daemon's loop
+# How long a writer may keep the file open before we stop waiting for its CLOSE_WRITE and trust
+# stat alone (a process that never closes it must not freeze the config forever).
+WRITER_GRACE = 5.0  # seconds
 
 # ("file", dev, ino, size, mtime_ns, ctime_ns, mode), ("missing",) or ("error", errno).
 # ctime is included because chown/chmod and an in-place rewrite that restores mtime
@@ -116,8 +126,10 @@ def _being_written(path: Path) -> bool:
 class ConfigWatcher:
     """Tell the daemon when the config file may have changed; `changed()` never blocks."""
 
-    def __init__(self, path: str, *, use_inotify: bool = True) -> None:
+    def __init__(self, path: str, *, use_inotify: bool = True, writer_grace: float = WRITER_GRACE) -> None:
         self._path = Path(path).absolute()
+        self._writer_grace = writer_grace
+        self._writing_since: float | None = None  # a writer has the file open since then
         self._mode = "polling"
         self._reason: str | None = None
         self._wm: Any = None  # pyinotify.WatchManager while inotify is in use
@@ -131,6 +143,7 @@ class ConfigWatcher:
                 self._mode = "inotify"
         # Taken after the watches exist, so no change can fall between the two.
         self._sig = _signature(self._path)
+        self._last_seen = self._sig  # the signature at the previous call
 
     @property
     def mode(self) -> str:
@@ -148,19 +161,32 @@ class ConfigWatcher:
 
     def changed(self) -> bool:
         """True once per change of the config file since the last call; never blocks."""
-        force = defer = rearm = False
+        force = rearm = False
+        writing: bool | None = None
         if self._fd is not None:
-            force, defer, rearm = self._drain(self._fd)
+            force, writing, rearm = self._drain(self._fd)
         sig = _signature(self._path)
         if self._fd is not None and (rearm or not self._complete or sig != self._sig):
             # A dead watch, an earlier failure, or a different file (a symlink may now point
             # into another directory): compute the directories again and re-add them.
             self._arm()
-        if defer:
+        seen_before, self._last_seen = self._last_seen, sig
+        now = time.monotonic()
+        if writing is not None:
+            self._writing_since = (self._writing_since or now) if writing else None
+        if self._writing_since is not None and now - self._writing_since < self._writer_grace:
             return False  # keep the old signature: the writer's CLOSE_WRITE will report it
-        differs = sig != self._sig
-        self._sig = sig
-        return force or differs
+        if force:
+            self._sig = sig
+            return True
+        # An event said the file is complete (a new symlink), or a watch died and events may be
+        # lost: trust stat now. Seen by stat alone (polling, or a path inotify cannot see), the
+        # file must look the same twice in a row, so a truncate and the write that follows it
+        # are not caught in between.
+        if sig != self._sig and (writing is False or rearm or sig == seen_before):
+            self._sig = sig
+            return True
+        return False
 
     def close(self) -> None:
         """Release the inotify fd (and every watch with it). Safe to call twice."""
@@ -242,8 +268,11 @@ class ConfigWatcher:
         except pyinotify.WatchManagerError:
             self._wm.watches.pop(wd, None)  # the kernel had already dropped it
 
-    def _drain(self, fd: int) -> tuple[bool, bool, bool]:
+    def _drain(self, fd: int) -> tuple[bool, bool | None, bool]:
         """Read pending events without blocking: (changed, being written, directory watch dead).
+
+        "Being written" is None when no event named the file, else whether its latest event
+        says a writer still has it open.
 
         Raw reads rather than pyinotify's Notifier: its read_events() decodes names as strict
         UTF-8 and raises on any other file in the directory with a non-UTF-8 name (losing the
@@ -277,14 +306,16 @@ class ConfigWatcher:
                     self._wm.watches.pop(wd, None)  # keep pyinotify's table in step
             if len(buf) <= _READ_SIZE - _MAX_EVENT:
                 break  # the next event would have fitted: the queue is empty (saves an EAGAIN)
-        # The latest event for a name decides: a regular file just created is still being
-        # written; report it on its CLOSE_WRITE, not on the wake-up its IN_CREATE caused.
-        # (Deferred for this call only: a later call with no events falls back to stat.)
-        defer = any(
-            mask & IN_CREATE and _being_written(Path(self._dir_of(wd), os.fsdecode(name)))
+        # The latest event for a name decides: a file just modified, or a regular file just
+        # created, is still being written; report it on its CLOSE_WRITE, not on this wake-up.
+        if not last:
+            return force, None, rearm
+        writing = any(
+            mask & IN_MODIFY
+            or (mask & IN_CREATE and _being_written(Path(self._dir_of(wd), os.fsdecode(name))))
             for (wd, name), mask in last.items()
         )
-        return force, defer, rearm
+        return force, writing, rearm
 
     def _dir_of(self, wd: int) -> str:
         return next(d for d, w in self._dirs.items() if w == wd)

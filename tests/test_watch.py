@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,8 +42,8 @@ def config(tmp_path: Path) -> Path:
 def watchers() -> Iterator[Callable[..., ConfigWatcher]]:
     made: list[ConfigWatcher] = []
 
-    def make(path: Path, *, use_inotify: bool = True) -> ConfigWatcher:
-        watcher = ConfigWatcher(str(path), use_inotify=use_inotify)
+    def make(path: Path, *, use_inotify: bool = True, **options: Any) -> ConfigWatcher:
+        watcher = ConfigWatcher(str(path), use_inotify=use_inotify, **options)
         made.append(watcher)
         if use_inotify:
             assert watcher.mode == "inotify", watcher.fallback_reason
@@ -247,6 +248,42 @@ def test_a_file_still_being_written_is_not_reported_until_closed(
     finally:
         os.close(fd)
     wait_changed(watcher)  # IN_CLOSE_WRITE
+
+
+@pytest.mark.parametrize("use_inotify", MODES)
+def test_an_in_place_rewrite_is_not_reported_between_truncate_and_write(
+    config: Path, watchers: Callable[..., ConfigWatcher], use_inotify: bool
+) -> None:
+    """`cat new > config`: the empty file after O_TRUNC is a valid config with no rules; never load it."""
+    watcher = watchers(config, use_inotify=use_inotify)
+    fd = os.open(config, os.O_WRONLY | os.O_TRUNC)
+    try:
+        assert config.stat().st_size == 0
+        # With inotify the daemon may look many times while a slow writer works; by stat alone
+        # a file that looks the same twice in a row (0.5 s apart in the daemon) is complete.
+        for _ in range(3 if use_inotify else 1):
+            assert not watcher.changed()
+            time.sleep(0.02)
+        os.write(fd, b"policies: [] # rewritten in place\n")
+    finally:
+        os.close(fd)
+    wait_changed(watcher)
+    assert b"rewritten" in config.read_bytes()
+
+
+def test_a_writer_that_never_closes_is_trusted_after_the_grace(
+    config: Path, watchers: Callable[..., ConfigWatcher]
+) -> None:
+    watcher = watchers(config, writer_grace=0.3)
+    with config.open("a") as f:
+        f.write("# appended, file kept open\n")
+        f.flush()
+        assert readable(watcher, DEADLINE)
+        assert not watcher.changed()  # IN_MODIFY without CLOSE_WRITE: still being written
+        end = time.monotonic() + DEADLINE
+        while not watcher.changed():
+            assert time.monotonic() < end, "a writer holding the file open froze the config"
+            time.sleep(0.02)
 
 
 def test_a_new_symlink_is_reported_at_once(
