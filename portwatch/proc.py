@@ -234,19 +234,32 @@ class ProcFS:
 
         Fields we may not read (exe of another user's process) are None
         rather than an error: the pid and name are still worth reporting.
+        The files are opened relative to one directory fd: `portwatch list`
+        reads this for every process holding a socket.
         """
-        base = f"{self.root}/{pid}"
         try:
-            comm = parse_comm(_read(f"{base}/comm"))
-            status = _read(f"{base}/status").decode("utf-8", "surrogateescape")
+            dfd = os.open(f"{self.root}/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            if isinstance(_gone_or_denied(exc), ProcessGone):
+                return None
+            raise
+        try:
+            return self._process_at(pid, dfd)
+        finally:
+            os.close(dfd)
+
+    def _process_at(self, pid: int, dfd: int) -> Process | None:
+        try:
+            comm = parse_comm(_read_at(dfd, "comm"))
+            status = _read_at(dfd, "status").decode("utf-8", "surrogateescape")
         except OSError as exc:
             if isinstance(_gone_or_denied(exc), ProcessGone):
                 return None
             raise
         uid = parse_status_uid(status)
-        exe = self._optional(lambda: os.readlink(f"{base}/exe"))
-        cmdline_raw = self._optional(lambda: _read(f"{base}/cmdline"))
-        cgroup_raw = self._optional(lambda: _read(f"{base}/cgroup"))
+        exe = self._optional(lambda: os.readlink("exe", dir_fd=dfd))
+        cmdline_raw = self._optional(lambda: _read_at(dfd, "cmdline"))
+        cgroup_raw = self._optional(lambda: _read_at(dfd, "cgroup"))
         return Process(
             pid=pid,
             comm=comm,
@@ -285,6 +298,13 @@ def single_threaded() -> bool:
     return len(fields) > 17 and fields[17] == b"1"  # field 20, num_threads
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _read_at(dfd: int, name: str) -> bytes:
+    """The whole file `name` under directory fd `dfd`, without the io module's layers."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
