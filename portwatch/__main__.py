@@ -1,3 +1,3 @@
-from portwatch.cli import main
+from portwatch.cli import console
 
-raise SystemExit(main())
+console()

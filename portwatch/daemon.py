@@ -120,7 +120,7 @@ class Daemon:
         saved = self._load_state()
         self.tick(first=True, saved=saved)
         self._save_state(force=True)  # the baseline, so a SIGKILL before any change loses nothing
-        snap = self.snapshot or Snapshot()
+        snap = self.snapshot or Snapshot({})
         self.emit(
             "portwatch_started",
             {
@@ -449,7 +449,7 @@ class Daemon:
     # -- status ----------------------------------------------------------------
 
     def _status_text(self) -> str:
-        snap = self.snapshot or Snapshot()
+        snap = self.snapshot or Snapshot({})
         when = datetime.now(UTC).strftime("%H:%M:%S UTC")
         return (
             f"watching {len(snap.listeners)} listeners, {len(self._taken)} reserved ports taken, "

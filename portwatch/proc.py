@@ -161,8 +161,9 @@ class ProcFS:
         """{fd: socket inode} read through a directory fd from `open_fd_dir`.
 
         Raises ProcessGone or AccessDenied. This loop runs once per open fd on
-        the host, so it is kept tight: one readlink per fd and only
-        socket-looking targets go to the parser.
+        the host, so it is kept tight: one readlink per fd, on bytes (a str
+        name and target cost two conversions, a quarter of the call), and
+        parse_socket_link inlined.
         """
         readlink = os.readlink
         found: dict[int, int] = {}
@@ -171,27 +172,28 @@ class ProcFS:
             self.links_read += len(names)
             for name in names:
                 try:
-                    target = readlink(name, dir_fd=dfd)
+                    target = readlink(name.encode(), dir_fd=dfd)
                 except FileNotFoundError:
                     continue  # closed since listdir
-                if target[:8] == "socket:[":
-                    inode = parse_socket_link(target)
-                    if inode is not None:
-                        found[int(name)] = inode
+                if target[:8] == b"socket:[" and target[-1:] == b"]":
+                    digits = target[8:-1]
+                    if digits.isdigit():  # bytes.isdigit is ASCII only
+                        found[int(name)] = int(digits)
         except OSError as exc:
             raise _gone_or_denied(exc) from None
         return found
 
-    def stale_fds(self, pid: int, dfd: int, links: Mapping[str, str]) -> list[str]:
+    def stale_fds(self, pid: int, dfd: int, links: Mapping[bytes, bytes]) -> list[bytes]:
         """The fds (names) in `links` whose link target is no longer the one given.
 
-        `links` maps an fd name to the target it had (`socket:[123]`). An fd
+        `links` maps an fd name to the target it had (`b"socket:[123]"`), as
+        bytes for the speed of readlink (see socket_fds_at). An fd
         that was closed, now holds something else, or cannot be read, is
         stale, and so is every fd once the process has exited. `dfd` is a
         directory fd from `open_fd_dir`, or -1 to go by path.
         """
         readlink = os.readlink
-        stale: list[str] = []
+        stale: list[bytes] = []
         self.links_read += len(links)
         if dfd >= 0:
             for name, link in links.items():
@@ -202,7 +204,7 @@ class ProcFS:
                     pass
                 stale.append(name)
             return stale
-        base = f"{self.root}/{pid}/fd/"
+        base = os.fsencode(f"{self.root}/{pid}/fd/")
         for name, link in links.items():
             try:
                 if readlink(base + name) == link:

@@ -7,7 +7,6 @@ so every parser is tested on captured text alone. The reading side lives in
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Literal
 
 from portwatch.model import Proto, Socket
@@ -45,11 +44,24 @@ def format_ipv6(packed: bytes) -> str:
     """RFC 5952 text from 16 bytes in network order, `::ffff:a.b.c.d` when mapped.
 
     Python 3.11's ipaddress prints a mapped address as `::ffff:7f00:1`; `ss`,
-    and RFC 5952 section 5, print the IPv4 part dotted.
+    and RFC 5952 section 5, print the IPv4 part dotted. Done here rather than
+    with ipaddress, whose import is a tenth of `portwatch list`'s start-up.
     """
     if packed[:12] == _MAPPED_PREFIX:
         return "::ffff:" + format_ipv4(packed[12:])
-    return ipaddress.IPv6Address(packed).compressed
+    words = [f"{packed[i] << 8 | packed[i + 1]:x}" for i in range(0, 16, 2)]
+    # RFC 5952 4.2: the longest run of two or more zero words becomes "::", the first on a tie.
+    best_start, best_len, i = 0, 0, 0
+    while i < 8:
+        j = i
+        while j < 8 and words[j] == "0":
+            j += 1
+        if j - i > best_len:
+            best_start, best_len = i, j - i
+        i = j + 1
+    if best_len < 2:
+        return ":".join(words)
+    return ":".join(words[:best_start]) + "::" + ":".join(words[best_start + best_len :])
 
 
 def decode_address(hexaddr: str, byteorder: ByteOrder) -> tuple[int, str]:

@@ -290,7 +290,7 @@ class TickStats:
 
 
 class _Holder:
-    """The listening sockets one process holds, as fd name -> link text (`socket:[inode]`).
+    """The listening sockets one process holds, as fd name -> link text (`b"socket:[inode]"`).
 
     The link text is what a re-check compares readlink's answer with; the
     inode is parsed back out of it only when something changed.
@@ -300,24 +300,24 @@ class _Holder:
 
     def __init__(self, dfd: int) -> None:
         self.dfd = dfd  # a directory fd on /proc/<pid>/fd, or -1 (re-check by path)
-        self.links: dict[str, str] = {}
+        self.links: dict[bytes, bytes] = {}
 
     def inodes(self) -> set[int]:
         return {_inode(link) for link in self.links.values()}
 
 
-def _inode(link: str) -> int:
+def _inode(link: bytes) -> int:
     return int(link[8:-1])  # only ever built by us from an int: socket:[123]
 
 
-_FD_NAMES: dict[int, str] = {}
+_FD_NAMES: dict[int, bytes] = {}
 
 
-def _fd_name(fd: int) -> str:
-    """str(fd), one string shared by every holder (listeners sit on the same few fd numbers)."""
+def _fd_name(fd: int) -> bytes:
+    """Its name in /proc/<pid>/fd, one object shared by all holders (listeners sit on the same few fds)."""
     name = _FD_NAMES.get(fd)
     if name is None:
-        name = str(fd)
+        name = b"%d" % fd
         if len(_FD_NAMES) < 65536:
             _FD_NAMES[fd] = name
     return name
@@ -485,7 +485,7 @@ class OwnerTracker:
             if stale:
                 self._drop_fds(pid, holder, stale)
 
-    def _drop_fds(self, pid: int, holder: _Holder, names: list[str]) -> None:
+    def _drop_fds(self, pid: int, holder: _Holder, names: list[bytes]) -> None:
         for name in names:
             link = holder.links.pop(name)
             if link not in holder.links.values():  # the same socket may sit on two fds
@@ -577,7 +577,7 @@ class OwnerTracker:
                 self._dir_fds += 1
             else:
                 os.close(dfd)
-        links = {name: f"socket:[{inode}]" for name, inode in mine.items()}
+        links = {name: b"socket:[%d]" % inode for name, inode in mine.items()}
         if links != holder.links:
             before = holder.inodes()
             holder.links = links

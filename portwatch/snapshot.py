@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 from portwatch.model import Listener, Process, Snapshot, Socket, Unresolved
 
@@ -42,8 +42,7 @@ class ChangeKind(StrEnum):
     OWNER_CHANGED = "owner_changed"
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
+class Change(NamedTuple):
     kind: ChangeKind
     listener: Listener  # the listener as it is now (as it was, for CLOSED)
     before: Listener | None = None  # for OWNER_CHANGED

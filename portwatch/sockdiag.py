@@ -16,13 +16,12 @@ Layouts: include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import functools
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from portwatch.model import Proto, Socket
 from portwatch.procfs import format_ipv4, format_ipv6
@@ -189,7 +188,7 @@ class _Dump:
         if first < _MSG_LEN or first % 4 or len(data) % first:
             return False
         seq, state, proto, family = self.seq, self.state, self.proto, self.family
-        found, previous, addresses, make = self.found, self.previous, self.addresses, _make_socket
+        found, previous, addresses = self.found, self.previous, self.addresses
         zeros: list[Socket] = []
         for length, mtype, mseq, mstate, phi, plo, src, uid, inode in _uniform(family, first).iter_unpack(
             data
@@ -211,7 +210,7 @@ class _Dump:
             ):
                 sock = old
             else:
-                sock = make(proto, family, address, port, inode, uid)
+                sock = Socket(proto, family, address, port, inode, uid)
             if inode:
                 found[inode] = sock
             else:
@@ -236,7 +235,7 @@ class _Dump:
                     address = self.addresses.get(src)
                     if address is None:
                         address = self.addresses[src] = self.format(src)
-                    sock = _make_socket(self.proto, self.family, address, phi << 8 | plo, inode, uid)
+                    sock = Socket(self.proto, self.family, address, phi << 8 | plo, inode, uid)
                     if inode:
                         self.found[inode] = sock
                     else:
@@ -271,38 +270,3 @@ def _why(exc: OSError) -> str:
     return f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
 
 
-_FIELDS = ("proto", "family", "address", "port", "inode", "uid")
-_SocketMaker = Callable[[Proto, int, str, int, int, int], Socket]
-
-
-def _socket_maker() -> _SocketMaker:
-    """A constructor for Socket that fills its slots directly.
-
-    The frozen dataclass __init__ costs 0.85 us of the ~1.3 us per listener;
-    setting the slots through their descriptors gives an equal object for
-    0.5 us. Only while Socket has exactly these fields and no __post_init__;
-    otherwise the plain constructor.
-    """
-    if tuple(f.name for f in dataclasses.fields(Socket)) != _FIELDS or hasattr(Socket, "__post_init__"):
-        return Socket
-    new = object.__new__
-    set_proto, set_family, set_address, set_port, set_inode, set_uid = (
-        getattr(Socket, name).__set__ for name in _FIELDS
-    )
-
-    def make(  # noqa: PLR0917 (same positional order as Socket's own constructor)
-        proto: Proto, family: int, address: str, port: int, inode: int, uid: int
-    ) -> Socket:
-        sock = new(Socket)
-        set_proto(sock, proto)
-        set_family(sock, family)
-        set_address(sock, address)
-        set_port(sock, port)
-        set_inode(sock, inode)
-        set_uid(sock, uid)
-        return sock
-
-    return make
-
-
-_make_socket = _socket_maker()

@@ -24,6 +24,8 @@ def escape(text: str) -> str:
     >>> escape("evil\x1b[31m\nname")
     'evil\\x1b[31m\\nname'
     """
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case, and 40x cheaper than looking at each character
     out: list[str] = []
     for ch in text:
         named = _NAMED.get(ch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import tempfile
@@ -167,6 +168,20 @@ def test_net_table_round_trip(specs: list[tuple[int, bytes, int, int, int]], pro
 
 
 @FUZZ
+@given(st.lists(st.sampled_from([0, 0, 0, 1, 0xFFFF]) | st.integers(0, 0xFFFF), min_size=8, max_size=8))
+@example([0] * 8)
+@example([1, 0, 0, 2, 0, 0, 3, 4])  # two equal zero runs: the first becomes "::"
+@example([0, 0, 0, 0, 0, 0xFFFF, 0x7F00, 1])  # mapped: dotted, as ss prints it
+def test_ipv6_text_is_rfc5952(words: list[int]) -> None:
+    """format_ipv6 (written without ipaddress, for start-up time) agrees with ipaddress."""
+    packed = b"".join(w.to_bytes(2, "big") for w in words)
+    expected = ipaddress.IPv6Address(packed)
+    if expected.ipv4_mapped is not None:
+        assert format_ipv6(packed) == f"::ffff:{expected.ipv4_mapped}"
+    else:
+        assert format_ipv6(packed) == expected.compressed
+
+
 @given(st.binary(max_size=64))
 def test_comm_any_bytes_round_trip(raw: bytes) -> None:
     """comm: never raises, and only the kernel's one trailing newline is dropped."""
