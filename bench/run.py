@@ -12,7 +12,8 @@ measures, in one run:
    the CPU time beside it;
 2. the daemon's steady-state tick: a real `portwatch run --log-format json
    --no-proc-events` process, its CPU time (from /proc/<pid>/task/*/schedstat)
-   over whole rotation cycles with nothing changing, divided by the ticks;
+   over 30 ticks (half a rotation: its slots carry equal work) with nothing
+   changing, divided by the ticks;
    RSS from /proc/<pid>/status. Then the scene drops its established
    connections (same processes, same fd count) and the tick is measured
    again. An in-process run of the same code path gives the parts of a tick;
@@ -55,7 +56,9 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 INTERVAL = 1.0
-ROTATION_TICKS = 30  # OwnerTracker's default: a steady-state sample spans whole rotations
+ROTATION_TICKS = 60  # OwnerTracker's default
+# Ticks per steady-state sample: half a rotation, whose slots carry equal work by design.
+SAMPLE_TICKS = 30
 LIFETIMES = [0.1, 0.3, 1.0]  # seconds a short-lived listener lives
 
 PSUTIL_LIST = r"""
@@ -700,11 +703,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=9, help="alternating pairs per tool")
     parser.add_argument("--trials", type=int, default=40, help="detection trials per mode")
     parser.add_argument("--short-trials", type=int, default=40, help="trials per short lifetime and mode")
-    parser.add_argument("--steady-seconds", type=float, default=ROTATION_TICKS * INTERVAL,
-                        help="one tick sample (default: one full rotation of the owner tracker)")
+    parser.add_argument("--steady-seconds", type=float, default=SAMPLE_TICKS * INTERVAL,
+                        help="one tick sample (default: half a rotation of the owner tracker)")
     parser.add_argument("--steady-attempts", type=int, default=10,
                         help="samples to try for three in which nothing changed on the host")
-    parser.add_argument("--breakdown-ticks", type=int, default=ROTATION_TICKS)
+    parser.add_argument("--breakdown-ticks", type=int, default=SAMPLE_TICKS)
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: list, tick, detect, short")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", type=Path, help="write the results here")

@@ -12,8 +12,10 @@ Two ways to find holders:
   inode appears that none of that explains: recently started processes
   first, then those of the socket's uid, stopping as soon as every new inode
   is found. Inodes no process holds are remembered, so they do not cause a
-  search every tick. A slow rotation over all processes catches sockets
-  handed to an old process (SCM_RIGHTS) and refreshes cached process details.
+  search every tick. A slow rotation over all processes (each once per 60
+  updates) catches a socket handed to a process that already existed
+  (SCM_RIGHTS) while its sender keeps it too, and refreshes cached process
+  details (a holder renaming itself).
 """
 
 from __future__ import annotations
@@ -338,7 +340,9 @@ class OwnerTracker:
     raise the soft limit to serve big hosts); `close()` releases them.
     """
 
-    def __init__(self, procfs: ProcFS, *, rotation_ticks: int = 30) -> None:
+    # 60: at 30 the rotation was a third of a quiet tick's cost, for changes that are rare
+    # (a handover while the sender keeps the socket is the only owner change left to it).
+    def __init__(self, procfs: ProcFS, *, rotation_ticks: int = 60) -> None:
         self.procfs = procfs
         self.rotation_ticks = max(1, rotation_ticks)
         self._holders: dict[int, _Holder] = {}  # pid -> its listening fds

@@ -64,12 +64,14 @@ def diff(old: Snapshot, new: Snapshot) -> list[Change]:
     read is not evidence that its sockets are gone. A socket that moved from
     unresolved to resolved (or back) is an owner change.
     """
+    if old is new:
+        return []  # the daemon's tracker hands back the same snapshot when nothing changed
     changes: list[Change] = []
     for inode, listener in new.listeners.items():
         before = old.listeners.get(inode)
         if before is None:
             changes.append(Change(ChangeKind.OPENED, listener))
-        elif owner_identity(before) != owner_identity(listener):
+        elif before is not listener and owner_identity(before) != owner_identity(listener):
             changes.append(Change(ChangeKind.OWNER_CHANGED, listener, before))
     if new.complete:
         changes.extend(

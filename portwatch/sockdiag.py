@@ -77,20 +77,29 @@ def list_listeners(
     one); sockets with inode 0 are all kept, as in the /proc reader.
     Families other than 4 and 6 are ignored. Raises SockDiagUnavailable.
     """
-    global _previous  # noqa: PLW0603 (replaced whole, never mutated: safe across threads)
+    global _previous, _replies_before  # replaced whole, never mutated: safe across threads
     fams = set(families)
     jobs = [(p, f) for p in dict.fromkeys(protocols) for f in (4, 6) if f in fams]
     found: dict[int, Socket] = {}
     zeros: list[Socket] = []
-    previous = _previous
+    previous, before = _previous, _replies_before
+    seen: dict[tuple[Proto, int, int], _Reply] = {}
     with _open() as sock:
         buf = bytearray(_BUFSIZE + _MSG_LEN)
         for seq, (proto, family) in enumerate(jobs, start=1):
-            dump = _Dump(proto, family, seq=seq, found=found, zeros=zeros, previous=previous)
-            for length in _replies(sock, buf, dump.request(), dump.name):
-                if dump.take(buf, length):
+            dump = _Dump(proto, family, seq=seq, previous=previous)
+            for n, length in enumerate(_replies(sock, buf, dump.request(), dump.name)):
+                key = (proto, family, n)
+                raw = bytes(memoryview(buf)[:length])
+                reply = before.get(key)
+                if reply is None or reply.raw != raw:
+                    reply = dump.take(raw)
+                seen[key] = reply
+                found.update(reply.found)
+                zeros.extend(reply.zeros)
+                if reply.done:
                     break
-    _previous = found
+    _previous, _replies_before = found, seen
     return [*found.values(), *zeros]
 
 
@@ -98,6 +107,24 @@ def list_listeners(
 # the equal Socket from the scan before (they are immutable) is three times
 # cheaper than building it again and leaves the garbage collector nothing new.
 _previous: dict[int, Socket] = {}
+
+
+class _Reply:
+    """One netlink reply of a dump (its bytes) and what it said."""
+
+    __slots__ = ("done", "found", "raw", "zeros")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.found: dict[int, Socket] = {}  # listeners by inode
+        self.zeros: list[Socket] = []  # listeners with inode 0
+        self.done = False  # it ended the dump
+
+
+# The replies of the last listing, by (protocol, family, position in its dump). On a quiet
+# host each reply is byte for byte the one before (same sockets, same queue lengths), and
+# comparing 8 KiB of bytes costs a hundredth of parsing them: most of a listing's cost.
+_replies_before: dict[tuple[Proto, int, int], _Reply] = {}
 
 
 def _open() -> socket.socket:
@@ -128,27 +155,15 @@ def _replies(sock: socket.socket, buf: bytearray, request: bytes, name: str) -> 
 class _Dump:
     """One SOCK_DIAG_BY_FAMILY dump: builds the request and parses its replies.
 
-    Listeners go into the caller's `found` (by inode) and `zeros` (inode 0).
     A listener equal to the one `previous` has for its inode is that object.
     """
 
-    def __init__(
-        self,
-        proto: Proto,
-        family: int,
-        *,
-        seq: int,
-        found: dict[int, Socket],
-        zeros: list[Socket],
-        previous: dict[int, Socket],
-    ) -> None:
+    def __init__(self, proto: Proto, family: int, *, seq: int, previous: dict[int, Socket]) -> None:
         self.proto = proto
         self.family = family
         self.seq = seq
         self.state = _STATE[proto]
         self.name = f"sock_diag {proto.value}{'6' if family == 6 else ''}"
-        self.found = found
-        self.zeros = zeros
         self.previous = previous
         self.format = format_ipv4 if family == 4 else format_ipv6
         self.addresses: dict[bytes, str] = {}  # listeners share few addresses: format each once
@@ -166,21 +181,22 @@ class _Dump:
             1 << self.state,  # the kernel skips every socket in another state
         )
 
-    def take(self, buf: bytearray, length: int) -> bool:
-        """Parse one reply of `length` bytes in `buf`; True once the dump is done."""
-        if self._take_uniform(memoryview(buf)[:length]):
-            return False
-        return self._take_any(buf, length)
+    def take(self, raw: bytes) -> _Reply:
+        """Parse one reply."""
+        reply = _Reply(raw)
+        if not self._take_uniform(raw, reply):
+            reply.found.clear()
+            reply.done = self._take_any(raw, reply)
+        return reply
 
-    def _take_uniform(self, data: memoryview) -> bool:
+    def _take_uniform(self, data: bytes, reply: _Reply) -> bool:
         """The fast path: a reply made only of inet_diag_msgs of one length.
 
         That is the usual case (every socket of a dump carries the same
         attributes), and struct.iter_unpack then walks it with no offset
         arithmetic: 15% of the Python time per listener. False, having
-        added nothing to `zeros`, as soon as the reply is anything else;
-        `found` may then hold some of its sockets, which `_take_any` puts
-        there again unchanged.
+        added nothing to `reply.zeros`, as soon as the reply is anything
+        else; `reply.found` may then hold some of its sockets.
         """
         if len(data) < _MSG_LEN:
             return False
@@ -188,7 +204,7 @@ class _Dump:
         if first < _MSG_LEN or first % 4 or len(data) % first:
             return False
         seq, state, proto, family = self.seq, self.state, self.proto, self.family
-        found, previous, addresses = self.found, self.previous, self.addresses
+        found, previous, addresses = reply.found, self.previous, self.addresses
         zeros: list[Socket] = []
         for length, mtype, mseq, mstate, phi, plo, src, uid, inode in _uniform(family, first).iter_unpack(
             data
@@ -215,12 +231,14 @@ class _Dump:
                 found[inode] = sock
             else:
                 zeros.append(sock)
-        self.zeros.extend(zeros)
+        reply.zeros = zeros
         return True
 
-    def _take_any(self, buf: bytearray, end: int) -> bool:
-        """Walk a reply message by message: any mix of data, errors and NLMSG_DONE."""
+    def _take_any(self, raw: bytes, reply: _Reply) -> bool:
+        """Walk a reply message by message: any mix of data, errors and NLMSG_DONE; True at DONE."""
         unpack = _MSG[self.family].unpack_from
+        end = len(raw)
+        buf = raw + bytes(_MSG_LEN)  # room to unpack a whole inet_diag_msg after the last message
         off = 0
         while off < end:
             length, mtype, mseq, state, phi, plo, src, uid, inode = unpack(buf, off)
@@ -237,9 +255,9 @@ class _Dump:
                         address = self.addresses[src] = self.format(src)
                     sock = Socket(self.proto, self.family, address, phi << 8 | plo, inode, uid)
                     if inode:
-                        self.found[inode] = sock
+                        reply.found[inode] = sock
                     else:
-                        self.zeros.append(sock)
+                        reply.zeros.append(sock)
             elif mtype in (NLMSG_DONE, NLMSG_ERROR):
                 # Both carry an int: 0, or a negative errno. NLMSG_ERROR 0 is an ack.
                 if length < _NLMSG_HDRLEN + _ERRNO.size:

@@ -144,8 +144,35 @@ def test_second_call_reuses_equal_sockets_and_never_stale_ones(
         Socket(Proto.TCP, 6, "127.0.0.1", right.port, right.inode, right.uid),
     ):
         sockdiag._previous = {right.inode: stale}
+        sockdiag._replies_before = {}  # else the unchanged reply is reused before any field check
         listed = {s.inode: s for s in list_listeners()}
         assert listed[right.inode] == right
+
+
+def test_unchanged_replies_are_reused_and_changed_ones_parsed(
+    opened: Callable[..., socket.socket],
+) -> None:
+    """A reply byte for byte like the last one gives the same sockets; any change is parsed anew."""
+    socks = [opened(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1") for _ in range(300)]
+    list_listeners((Proto.TCP,), (4,))
+    before = dict(sockdiag._replies_before)
+    assert len(before) > 2, "300 listeners should take several replies"
+    list_listeners((Proto.TCP,), (4,))
+    assert all(sockdiag._replies_before[key] is reply for key, reply in before.items())
+    # Change the listing: one listener closed, one opened, one with a connection waiting in its
+    # accept queue (same socket, different bytes: idiag_rqueue).
+    closed = socks.pop(150)
+    gone = _inode(closed)
+    closed.close()
+    fresh = opened(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
+    client = socket.create_connection(socks[0].getsockname()[:2])
+    try:
+        listed = {s.inode: s for s in list_listeners((Proto.TCP,), (4,))}
+    finally:
+        client.close()
+    assert gone not in listed
+    for sock in [*socks, fresh]:
+        assert listed[_inode(sock)] == _expected(sock, Proto.TCP, 4, "127.0.0.1")
 
 
 def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]) -> None:
@@ -157,12 +184,18 @@ def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]
         results = []
         for walk_only in (False, True):
             found: dict[int, Socket] = {}
-            dump = sockdiag._Dump(proto, family, seq=1, found=found, zeros=[], previous={})
+            dump = sockdiag._Dump(proto, family, seq=1, previous={})
             buf = bytearray(sockdiag._BUFSIZE + sockdiag._MSG_LEN)
             with sockdiag._open() as sock:
                 for n in sockdiag._replies(sock, buf, dump.request(), dump.name):
-                    done = dump._take_any(buf, n) if walk_only else dump.take(buf, n)
-                    if done:
+                    raw = bytes(buf[:n])
+                    if walk_only:
+                        reply = sockdiag._Reply(raw)
+                        reply.done = dump._take_any(raw, reply)
+                    else:
+                        reply = dump.take(raw)
+                    found.update(reply.found)
+                    if reply.done:
                         break
             results.append(found)
         assert results[0] == results[1]
@@ -171,7 +204,7 @@ def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]
 
 def test_kernel_error_is_reported_as_unavailable() -> None:
     """A dump for a protocol with no sock_diag handler ends in NLMSG_ERROR, reported with errno."""
-    dump = sockdiag._Dump(Proto.UDP, 4, seq=1, found={}, zeros=[], previous={})
+    dump = sockdiag._Dump(Proto.UDP, 4, seq=1, previous={})
     request = bytearray(dump.request())
     request[17] = 253  # sdiag_protocol: IANA's "for experimentation", no handler in any kernel
     buf = bytearray(sockdiag._BUFSIZE + sockdiag._MSG_LEN)
@@ -179,7 +212,7 @@ def test_kernel_error_is_reported_as_unavailable() -> None:
     def run() -> None:
         with sockdiag._open() as sock:
             for n in sockdiag._replies(sock, buf, bytes(request), dump.name):
-                if dump.take(buf, n):
+                if dump.take(bytes(buf[:n])).done:
                     break
 
     with pytest.raises(SockDiagUnavailable, match=r"not supported by this kernel"):
