@@ -55,6 +55,25 @@ class _Parser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(ExitStatus.USAGE)
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # argparse makes one for every add_argument, and its own asks shutil for the width:
+        # importing shutil is 3 ms of `portwatch list`'s start.
+        return argparse.HelpFormatter(prog=self.prog, width=terminal_columns() - 2)
+
+
+def terminal_columns() -> int:
+    """What shutil.get_terminal_size().columns says, without importing shutil."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
 
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
@@ -66,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="portwatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"portwatch {__version__}")
     parser.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
-    # prog given, else argparse formats a usage line to compute it, importing shutil (3 ms).
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, prog="portwatch")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def view(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -258,12 +276,8 @@ def _warn_unseen(snap: Snapshot, shown: list[Listener]) -> None:
         sys.stderr.write(PRIVILEGE_HINT.format(denied=snap.denied_pids) + "\n")
 
 
-# json and shutil are imported where used: `portwatch list`'s start-up is a
-# large part of its cost on a small host, and most runs need neither.
-
-
 def _print_json(data: Any, out: TextIO | None = None) -> None:
-    import json  # noqa: PLC0415
+    import json  # noqa: PLC0415 (here: most runs print a table, and start-up is much of their cost)
 
     out = out or sys.stdout
     # ensure_ascii: names that are not valid UTF-8 stay exact as \udcXX escapes
@@ -273,9 +287,5 @@ def _print_json(data: Any, out: TextIO | None = None) -> None:
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    width = None
-    if sys.stdout.isatty():
-        import shutil  # noqa: PLC0415
-
-        width = shutil.get_terminal_size().columns
+    width = terminal_columns() if sys.stdout.isatty() else None
     sys.stdout.write(table(headers, rows, width=width))

@@ -8,14 +8,14 @@ framing that cannot start a second field.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import threading
 import time
+import types
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
-
-import structlog
+from typing import TYPE_CHECKING, Any, TextIO
 
 from portwatch.events import describe, level_of
 from portwatch.journal import (
@@ -26,6 +26,44 @@ from portwatch.journal import (
     stream_is_journal,
 )
 from portwatch.text import escape
+
+
+class _ImportedOnUse(types.ModuleType):
+    """Stands in for a module until an attribute of it is used, then hands over to the real one."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def _import_structlog() -> types.ModuleType:
+    """structlog, without loading asyncio before something uses it.
+
+    structlog imports asyncio (and with it ssl) for its async logging methods,
+    which portwatch never calls: 11 MiB that the daemon would carry for its
+    whole life, a third of its memory on a large host. While structlog is
+    imported a stand-in takes asyncio's place; structlog keeps it, and it
+    loads the real asyncio the first time one of its attributes is used.
+    """
+    if "asyncio" in sys.modules:
+        import structlog  # noqa: PLC0415
+
+        return structlog
+    stand_in = _ImportedOnUse("asyncio")
+    sys.modules["asyncio"] = stand_in
+    try:
+        import structlog  # noqa: PLC0415
+    finally:
+        if sys.modules.get("asyncio") is stand_in:
+            del sys.modules["asyncio"]  # whoever imports asyncio later gets the real one
+    return structlog
+
+
+if TYPE_CHECKING:
+    import structlog
+else:
+    structlog = _import_structlog()
 
 FORMATS = ("auto", "json", "console", "journal")
 JOURNAL_RETRY = 10.0  # seconds on stdout after the journal failed

@@ -84,23 +84,28 @@ class StateStore:
             raise StateError(f"{self.path}: corrupt ({type(exc).__name__}: {exc})") from None
 
     def save(self, snapshot: Snapshot, taken: Mapping[int, list[int]], saved_at: str) -> None:
-        """Replace the state file atomically. Raises OSError (the caller reports it)."""
-        payload = json.dumps(
-            {
-                "version": FORMAT_VERSION,
-                "boot_id": self.boot,
-                "saved_at": saved_at,
-                "complete": snapshot.complete,
-                "listeners": [_encode_listener(x) for x in snapshot.listeners.values()],
-                "taken": {str(inode): pids for inode, pids in taken.items()},
-            },
-            ensure_ascii=True,  # process names that are not UTF-8 survive as \udcXX escapes
-        ).encode("ascii")
+        """Replace the state file atomically. Raises OSError (the caller reports it).
+
+        Written one listener at a time: the whole document as objects and
+        text would cost a host with ten thousand listeners some 20 MiB at
+        every save, and a long-running daemon keeps such a peak as RSS.
+        """
+        head = {
+            "version": FORMAT_VERSION,
+            "boot_id": self.boot,
+            "saved_at": saved_at,
+            "complete": snapshot.complete,
+            "taken": {str(inode): pids for inode, pids in taken.items()},
+        }
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
+            # ASCII only: process names that are not UTF-8 survive as \udcXX escapes.
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(json.dumps(head)[:-1] + ', "listeners": [')
+                for n, listener in enumerate(snapshot.listeners.values()):
+                    f.write((", " if n else "") + json.dumps(_encode_listener(listener)))
+                f.write("]}")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,35 @@ def test_pure_modules_do_no_io(name: str) -> None:
         pytest.fail(f"missing pure module {name}")
     bad = {m for m in _imports(path) if m.split(".")[0] in IO_MODULES}
     assert not bad, f"{name} imports {bad}"
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running `code`."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True, text=True, check=True, cwd=PACKAGE.parent,
+    )
+    return set(out.stdout.split())
+
+
+def test_one_shot_views_import_little() -> None:
+    """Start-up is a large part of `portwatch list`: keep the heavy modules off its path."""
+    loaded = _modules_after("from portwatch.cli import build_parser; build_parser().parse_args(['list'])")
+    loaded -= _modules_after("pass")  # what the interpreter loads anyway (site, an editable install's hook)
+    heavy = {"dataclasses", "inspect", "ipaddress", "json", "shutil", "structlog", "yaml", "pyinotify"}
+    assert not loaded & heavy
+
+
+def test_the_daemon_does_not_load_asyncio_for_structlog() -> None:
+    """structlog imports asyncio (and ssl, 11 MiB) for methods portwatch never calls: it gets a stand-in."""
+    loaded = _modules_after("import portwatch.daemon")
+    assert "structlog" in loaded
+    assert not loaded & {"asyncio.base_events", "ssl"}
+    # The stand-in hands over to the real asyncio at first use, and later importers get the real one.
+    code = """
+import portwatch.log, structlog._native as native, asyncio, types
+assert type(asyncio) is types.ModuleType and asyncio.get_running_loop is native.asyncio.get_running_loop
+async def main(): return 42
+assert asyncio.run(main()) == 42
+"""
+    assert "asyncio.base_events" in _modules_after(code)

@@ -479,3 +479,34 @@ def test_hostile_strings_stay_in_their_field_in_every_format(comm: str, cmdline:
     bare = Listener(Socket(Proto.UDP, 6, "::1", 53, 7, 0), (), Unresolved.PERMISSION_DENIED)
     assert dict(parse_native(encode_entry(journal_fields(
         {"event": "listener_opened", **listener_fields(bare, None)}))))["PORTWATCH_UNRESOLVED"] == b"permission_denied"
+
+
+_PROCESSES = st.builds(
+    Process,
+    pid=st.integers(1, 2**22), comm=_HOSTILE_TEXT, exe=st.none() | _HOSTILE_TEXT,
+    cmdline=st.lists(_HOSTILE_TEXT, max_size=3).map(tuple), uid=st.none() | st.integers(0, 2**32 - 1),
+    user=st.none() | _HOSTILE_TEXT, unit=st.none() | _HOSTILE_TEXT,
+)
+_LISTENERS = st.builds(
+    lambda proto, family, port, inode, uid, processes: Listener(
+        Socket(proto, family, "::1" if family == 6 else "127.0.0.1", port, inode, uid),
+        tuple(processes), None if processes else Unresolved.NO_PROCESS,
+    ),
+    st.sampled_from(list(Proto)), st.sampled_from([4, 6]), st.integers(1, 65535), st.integers(1, 2**32),
+    st.integers(0, 2**32 - 1), st.lists(_PROCESSES, max_size=3),
+)
+
+
+@FILES
+@given(st.lists(_LISTENERS, max_size=5, unique_by=lambda x: x.socket.inode), st.booleans(),
+       st.dictionaries(st.integers(1, 2**32), st.lists(st.integers(1, 2**22), max_size=3), max_size=3))
+def test_state_file_round_trip(listeners: list[Listener], complete: bool, taken: dict[int, list[int]]) -> None:
+    """What the daemon saves (hostile names included) is exactly what it loads after a restart."""
+    snapshot = Snapshot({x.socket.inode: x for x in listeners}, complete=complete)
+    with tempfile.TemporaryDirectory() as directory:
+        store = StateStore(directory)
+        store.save(snapshot, taken, "2026-11-29T00:00:00Z")
+        saved = store.load()
+    assert saved is not None
+    assert saved.snapshot == snapshot
+    assert saved.taken == taken
