@@ -158,7 +158,7 @@ class Daemon:
                 self.reload(signal_requested=self._reload)
             now = self.clock()
             if now >= self._scan_due(next_scan, now):
-                self.tick()
+                self.tick(early=now < next_scan)
                 self._save_state()
                 if now >= next_scan:
                     # Keep the cadence; after a scan slower than the interval, start afresh.
@@ -207,12 +207,14 @@ class Daemon:
 
     # -- scanning --------------------------------------------------------------
 
-    def tick(self, *, first: bool = False, saved: SavedState | None = None) -> None:
+    def tick(self, *, first: bool = False, saved: SavedState | None = None, early: bool = False) -> None:
         """One scan: list, resolve owners, diff, judge, report.
 
         The first scan is the baseline: it reports only squatters, unless a
         saved state says what was there before a restart, in which case
-        what changed while portwatch was down is reported too.
+        what changed while portwatch was down is reported too. An early scan
+        (processes are starting) looks only at what they did; see
+        OwnerTracker.update.
         """
         self._last_scan = self.clock()
         config = self.config
@@ -230,7 +232,8 @@ class Daemon:
             return
         hints, self._hint_pids = self._hint_pids, set()
         snap = self.tracker.update(
-            table.sockets, complete=table.complete, hint_pids=hints, on_progress=self._ping_watchdog
+            table.sockets, complete=table.complete, hint_pids=hints, on_progress=self._ping_watchdog,
+            early=early,
         )
         if table.errors:
             self.emit("scan_failed", {"error": "; ".join(table.errors), "partial": True})

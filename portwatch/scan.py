@@ -400,7 +400,7 @@ class OwnerTracker:
         hint_pids: Iterable[int] = (),
         on_progress: Callable[[], None] | None = None,
         relist: Callable[[], Iterable[int]] | None = None,
-        rotate: bool = True,
+        early: bool = False,
     ) -> Snapshot:
         """Resolve the holders of `sockets` (this tick's listing) and return the snapshot.
 
@@ -410,9 +410,11 @@ class OwnerTracker:
         inodes again; it is called before searching old processes for an
         inode, so a listener that closed since `sockets` were listed (a
         short-lived process that exited) does not cost a walk of every
-        process. `rotate=False` skips this update's rotation step: for the
-        extra updates run while processes start, so that the rotation keeps
-        the pace of the regular ones.
+        process. `early=True` is for the extra updates run while processes
+        start, to catch their listeners: only the hinted processes are read,
+        and the re-check of known holders, the listing of /proc and the
+        rotation step wait for the next regular update (so early updates stay
+        cheap on a large host, and the rotation keeps the regular pace).
         """
         clock = time.perf_counter
         start = clock()
@@ -425,12 +427,18 @@ class OwnerTracker:
         same = len(sockets) == len(last) and all(map(operator.is_, sockets, last))
         listening = self._last_listening if same else {s.inode for s in sockets if s.inode}
         self._last_sockets, self._last_listening = list(sockets), listening  # a copy: callers may reuse lists
-        self._recheck(listening, stats, some_closed=not same)
+        if not same:
+            self._drop_closed(listening)
+        if not early:
+            self._recheck(stats)
         t_recheck = clock()
 
-        current = set(self.procfs.pids())
-        for pid in self._known_pids - current:
-            self._forget_pid(pid)
+        if early:  # the hinted pids are the new processes; exits are noticed by the next regular update
+            current = self._known_pids.union(hint_pids)
+        else:
+            current = set(self.procfs.pids())
+            for pid in self._known_pids - current:
+                self._forget_pid(pid)
         new = current - self._known_pids
         hinted = current.intersection(hint_pids)
         if self._tick > 1:  # at the first update everything is new, and nothing is recent
@@ -450,7 +458,7 @@ class OwnerTracker:
         self._unresolved &= listening
         t_search = clock()
 
-        if rotate:
+        if not early:
             self._rotate(current, walked, listening, stats, on_progress)
         self._known_pids = current
         self._denied &= current
@@ -476,12 +484,16 @@ class OwnerTracker:
 
     # -- re-checking what is known ---------------------------------------------
 
-    def _recheck(self, listening: set[int], stats: TickStats, *, some_closed: bool) -> None:
-        if some_closed and not self._held.keys() <= listening:  # drop the fds of closed listeners
+    def _drop_closed(self, listening: set[int]) -> None:
+        """Forget the fds of listeners that are no longer listed."""
+        if not self._held.keys() <= listening:
             for pid, holder in list(self._holders.items()):
                 gone = [name for name, link in holder.links.items() if _inode(link) not in listening]
                 if gone:
                     self._drop_fds(pid, holder, gone)
+
+    def _recheck(self, stats: TickStats) -> None:
+        """One readlink per known holder fd: drop those that changed (closed, exited, replaced)."""
         stale_fds = self.procfs.stale_fds
         for pid, holder in list(self._holders.items()):
             stats.rechecked_fds += len(holder.links)

@@ -243,11 +243,11 @@ def test_exec_refreshes_details_when_hinted(helper: Helper, tracker: OwnerTracke
     assert before.comm.startswith("python")
     helper.ask("exec")
     wait_for_comm(helper.pid, "sleep")
-    # rotate=False: only what this test does may refresh the details.
-    stale = update(tracker, {inode}, rotate=False).listeners[inode].processes[0]
+    # early=True (no rotation step): only what this test does may refresh the details.
+    stale = update(tracker, {inode}, early=True).listeners[inode].processes[0]
     assert stale == before  # nothing told it; cached details stand until the rotation
     tracker.forget_processes([helper.pid])
-    fresh = update(tracker, {inode}, hint_pids=[helper.pid], rotate=False).listeners[inode].processes[0]
+    fresh = update(tracker, {inode}, hint_pids=[helper.pid], early=True).listeners[inode].processes[0]
     assert (fresh.pid, fresh.comm, fresh.exe) == (helper.pid, "sleep", os.path.realpath("/bin/sleep"))
 
 
