@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 import threading
 import time
@@ -52,9 +53,17 @@ def _import_structlog() -> types.ModuleType:
         return structlog
     stand_in = _ImportedOnUse("asyncio")
     sys.modules["asyncio"] = stand_in
+    # structlog makes a LogRecord at import, and from 3.12 LogRecord() asks the asyncio in
+    # sys.modules for the current task unless told not to.
+    switch = "logAsyncioTasks"  # a module attribute, not in 3.11's logging (nor its stubs)
+    asyncio_tasks = getattr(logging, switch, None)
+    if asyncio_tasks is not None:
+        setattr(logging, switch, False)
     try:
         import structlog  # noqa: PLC0415
     finally:
+        if asyncio_tasks is not None:
+            setattr(logging, switch, asyncio_tasks)
         if sys.modules.get("asyncio") is stand_in:
             del sys.modules["asyncio"]  # whoever imports asyncio later gets the real one
     return structlog

@@ -132,6 +132,14 @@ def pids_of(snap: Snapshot, inode: int) -> set[int]:
     return set(snap.listeners[inode].pids)
 
 
+def zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # the state follows "(comm)"
+    except FileNotFoundError:
+        return True
+
+
 def wait_for_comm(pid: int, comm: str) -> None:
     deadline = time.monotonic() + 5
     while (info := ProcFS().process(pid)) is None or info.comm != comm:
@@ -161,6 +169,33 @@ def test_new_listener_new_holders_and_a_lost_worker(
     assert {i: pids_of(snap, i) for i in inodes} == {i: everyone - {server.children[0]} for i in inodes}
     assert snap.listeners[server.inode].processes[0].comm.startswith("python")
     assert not tracker.last.full_walk
+
+
+def test_early_updates_read_only_the_hinted_processes(
+    holders: Callable[..., Holder], tracker: OwnerTracker
+) -> None:
+    """An early update (processes are starting) finds a new server and its workers from the
+    hinted pids alone, reading no other fd; what it skips (a worker that exited) the next
+    regular update catches."""
+    update(tracker, set())
+    old = holders([TCP4], fork=1)
+    update(tracker, {old.inode})
+    update(tracker, {old.inode})
+    assert tracker.last.rechecked_fds >= 2  # a regular update re-checks every known holder fd
+    server = holders([{**TCP4, "proto": "udp"}], fork=2)
+    inodes = {old.inode, server.inode}
+    snap = update(tracker, inodes, hint_pids=[server.pid, *server.children], early=True)
+    assert pids_of(snap, server.inode) == {server.pid, *server.children}
+    assert tracker.last.rechecked_fds == 0 and not tracker.last.full_walk
+    assert tracker.last.walked_pids == 3
+    worker = old.children[0]
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while not zombie_or_gone(worker):  # its fds are closed then
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert worker in pids_of(update(tracker, inodes, early=True), old.inode)
+    assert pids_of(update(tracker, inodes), old.inode) == {old.pid}
 
 
 def test_handover_to_an_old_process(helper: Helper, tracker: OwnerTracker) -> None:
