@@ -183,31 +183,31 @@ class ProcFS:
             raise _gone_or_denied(exc) from None
         return found
 
-    def stale_fds(self, pid: int, dfd: int, links: Mapping[bytes, bytes]) -> list[bytes]:
-        """The fds (names) in `links` whose link target is no longer the one given.
+    def stale_fds(self, pid: int, dfd: int, links: Mapping[bytes, int]) -> list[bytes]:
+        """The fds (names) in `links` that no longer hold the socket given.
 
-        `links` maps an fd name to the target it had (`b"socket:[123]"`), as
-        bytes for the speed of readlink (see socket_fds_at). An fd
-        that was closed, now holds something else, or cannot be read, is
-        stale, and so is every fd once the process has exited. `dfd` is a
-        directory fd from `open_fd_dir`, or -1 to go by path.
+        `links` maps an fd name (bytes, for the speed of readlink: see
+        socket_fds_at) to the socket inode it held. An fd that was closed,
+        now holds something else, or cannot be read, is stale, and so is
+        every fd once the process has exited. `dfd` is a directory fd from
+        `open_fd_dir`, or -1 to go by path.
         """
         readlink = os.readlink
         stale: list[bytes] = []
         self.links_read += len(links)
         if dfd >= 0:
-            for name, link in links.items():
+            for name, inode in links.items():
                 try:
-                    if readlink(name, dir_fd=dfd) == link:
+                    if readlink(name, dir_fd=dfd) == b"socket:[%d]" % inode:
                         continue
                 except OSError:
                     pass
                 stale.append(name)
             return stale
         base = os.fsencode(f"{self.root}/{pid}/fd/")
-        for name, link in links.items():
+        for name, inode in links.items():
             try:
-                if readlink(base + name) == link:
+                if readlink(base + name) == b"socket:[%d]" % inode:
                     continue
             except OSError:
                 pass

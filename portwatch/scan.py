@@ -292,24 +292,21 @@ class TickStats:
 
 
 class _Holder:
-    """The listening sockets one process holds, as fd name -> link text (`b"socket:[inode]"`).
+    """The listening sockets one process holds, as fd name -> socket inode.
 
-    The link text is what a re-check compares readlink's answer with; the
-    inode is parsed back out of it only when something changed.
+    Inodes rather than the link text a re-check compares readlink's answer
+    with: formatting `socket:[N]` at each re-check costs less than keeping
+    that text for every holder fd (a megabyte on a large host).
     """
 
     __slots__ = ("dfd", "links")
 
     def __init__(self, dfd: int) -> None:
         self.dfd = dfd  # a directory fd on /proc/<pid>/fd, or -1 (re-check by path)
-        self.links: dict[bytes, bytes] = {}
+        self.links: dict[bytes, int] = {}
 
     def inodes(self) -> set[int]:
-        return {_inode(link) for link in self.links.values()}
-
-
-def _inode(link: bytes) -> int:
-    return int(link[8:-1])  # only ever built by us from an int: socket:[123]
+        return set(self.links.values())
 
 
 _FD_NAMES: dict[int, bytes] = {}
@@ -488,7 +485,7 @@ class OwnerTracker:
         """Forget the fds of listeners that are no longer listed."""
         if not self._held.keys() <= listening:
             for pid, holder in list(self._holders.items()):
-                gone = [name for name, link in holder.links.items() if _inode(link) not in listening]
+                gone = [name for name, inode in holder.links.items() if inode not in listening]
                 if gone:
                     self._drop_fds(pid, holder, gone)
 
@@ -503,9 +500,9 @@ class OwnerTracker:
 
     def _drop_fds(self, pid: int, holder: _Holder, names: list[bytes]) -> None:
         for name in names:
-            link = holder.links.pop(name)
-            if link not in holder.links.values():  # the same socket may sit on two fds
-                self._unhold(_inode(link), pid)
+            inode = holder.links.pop(name)
+            if inode not in holder.links.values():  # the same socket may sit on two fds
+                self._unhold(inode, pid)
         if not holder.links:
             self._drop_holder(pid)
 
@@ -593,10 +590,9 @@ class OwnerTracker:
                 self._dir_fds += 1
             else:
                 os.close(dfd)
-        links = {name: b"socket:[%d]" % inode for name, inode in mine.items()}
-        if links != holder.links:
+        if mine != holder.links:
             before = holder.inodes()
-            holder.links = links
+            holder.links = mine
             after = set(mine.values())
             for inode in before - after:
                 self._unhold(inode, pid)

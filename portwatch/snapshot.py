@@ -25,10 +25,13 @@ def build_snapshot(
     visible process holds it (`no_process`: kernel socket, other pid namespace).
     """
     listeners: dict[int, Listener] = {}
+    # One tuple per set of holders, shared by all its sockets: a server holds hundreds.
+    owner_sets: dict[tuple[int, ...], tuple[Process, ...]] = {}
     for sock in sockets:
-        owners = tuple(
-            processes[pid] for pid in sorted(set(holders.get(sock.inode, ()))) if pid in processes
-        )
+        pids = tuple(sorted(set(holders.get(sock.inode, ()))))
+        owners = owner_sets.get(pids)
+        if owners is None:
+            owners = owner_sets[pids] = tuple(processes[pid] for pid in pids if pid in processes)
         unresolved = None
         if not owners:
             unresolved = Unresolved.PERMISSION_DENIED if denied_pids else Unresolved.NO_PROCESS

@@ -77,53 +77,61 @@ def list_listeners(
     one); sockets with inode 0 are all kept, as in the /proc reader.
     Families other than 4 and 6 are ignored. Raises SockDiagUnavailable.
     """
-    global _previous, _replies_before  # replaced whole, never mutated: safe across threads
+    global _replies_before  # noqa: PLW0603 (replaced whole, never mutated: thread-safe)
     fams = set(families)
     jobs = [(p, f) for p in dict.fromkeys(protocols) for f in (4, 6) if f in fams]
     found: dict[int, Socket] = {}
     zeros: list[Socket] = []
-    previous, before = _previous, _replies_before
+    before = _replies_before
+    # The last listing's sockets by inode, made when a reply changed. A listener outlives many
+    # scans, and handing back the equal Socket from the scan before (they are immutable) is
+    # three times cheaper than building it again and leaves the garbage collector nothing new.
+    previous: dict[int, Socket] | None = None
     seen: dict[tuple[Proto, int, int], _Reply] = {}
     with _open() as sock:
         buf = bytearray(_BUFSIZE + _MSG_LEN)
         for seq, (proto, family) in enumerate(jobs, start=1):
-            dump = _Dump(proto, family, seq=seq, previous=previous)
+            dump = _Dump(proto, family, seq=seq)
             for n, length in enumerate(_replies(sock, buf, dump.request(), dump.name)):
                 key = (proto, family, n)
                 raw = bytes(memoryview(buf)[:length])
                 reply = before.get(key)
-                if reply is None or reply.raw != raw:
-                    reply = dump.take(raw)
+                if reply is None or reply.digest != _digest(raw):
+                    if previous is None:
+                        previous = {s.inode: s for r in before.values() for s in r.sockets}
+                    reply = dump.take(raw, previous)
                 seen[key] = reply
-                found.update(reply.found)
+                for s in reply.sockets:
+                    found[s.inode] = s
                 zeros.extend(reply.zeros)
                 if reply.done:
                     break
-    _previous, _replies_before = found, seen
+    _replies_before = seen
     return [*found.values(), *zeros]
 
 
-# The last result by inode. A listener outlives many scans, and handing back
-# the equal Socket from the scan before (they are immutable) is three times
-# cheaper than building it again and leaves the garbage collector nothing new.
-_previous: dict[int, Socket] = {}
+def _digest(raw: bytes) -> tuple[int, int]:
+    """Length and hash of a reply. Python's hash of bytes is SipHash keyed at random per
+    process: no one on the host can make two replies collide, and keeping 16 bytes instead of
+    the reply saves a large host a megabyte."""
+    return len(raw), hash(raw)
 
 
 class _Reply:
-    """One netlink reply of a dump (its bytes) and what it said."""
+    """One netlink reply of a dump (the digest of its bytes) and what it said."""
 
-    __slots__ = ("done", "found", "raw", "zeros")
+    __slots__ = ("digest", "done", "sockets", "zeros")
 
     def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-        self.found: dict[int, Socket] = {}  # listeners by inode
+        self.digest = _digest(raw)
+        self.sockets: list[Socket] = []  # listeners with an inode
         self.zeros: list[Socket] = []  # listeners with inode 0
         self.done = False  # it ended the dump
 
 
 # The replies of the last listing, by (protocol, family, position in its dump). On a quiet
 # host each reply is byte for byte the one before (same sockets, same queue lengths), and
-# comparing 8 KiB of bytes costs a hundredth of parsing them: most of a listing's cost.
+# hashing 8 KiB of bytes costs a fiftieth of parsing them: most of a listing's cost.
 _replies_before: dict[tuple[Proto, int, int], _Reply] = {}
 
 
@@ -158,13 +166,12 @@ class _Dump:
     A listener equal to the one `previous` has for its inode is that object.
     """
 
-    def __init__(self, proto: Proto, family: int, *, seq: int, previous: dict[int, Socket]) -> None:
+    def __init__(self, proto: Proto, family: int, *, seq: int) -> None:
         self.proto = proto
         self.family = family
         self.seq = seq
         self.state = _STATE[proto]
         self.name = f"sock_diag {proto.value}{'6' if family == 6 else ''}"
-        self.previous = previous
         self.format = format_ipv4 if family == 4 else format_ipv6
         self.addresses: dict[bytes, str] = {}  # listeners share few addresses: format each once
 
@@ -181,22 +188,22 @@ class _Dump:
             1 << self.state,  # the kernel skips every socket in another state
         )
 
-    def take(self, raw: bytes) -> _Reply:
+    def take(self, raw: bytes, previous: dict[int, Socket]) -> _Reply:
         """Parse one reply."""
         reply = _Reply(raw)
-        if not self._take_uniform(raw, reply):
-            reply.found.clear()
+        if not self._take_uniform(raw, reply, previous):
+            reply.sockets.clear()
             reply.done = self._take_any(raw, reply)
         return reply
 
-    def _take_uniform(self, data: bytes, reply: _Reply) -> bool:
+    def _take_uniform(self, data: bytes, reply: _Reply, previous: dict[int, Socket]) -> bool:
         """The fast path: a reply made only of inet_diag_msgs of one length.
 
         That is the usual case (every socket of a dump carries the same
         attributes), and struct.iter_unpack then walks it with no offset
         arithmetic: 15% of the Python time per listener. False, having
         added nothing to `reply.zeros`, as soon as the reply is anything
-        else; `reply.found` may then hold some of its sockets.
+        else; `reply.sockets` may then hold some of its sockets.
         """
         if len(data) < _MSG_LEN:
             return False
@@ -204,7 +211,7 @@ class _Dump:
         if first < _MSG_LEN or first % 4 or len(data) % first:
             return False
         seq, state, proto, family = self.seq, self.state, self.proto, self.family
-        found, previous, addresses = reply.found, self.previous, self.addresses
+        found, addresses = reply.sockets.append, self.addresses
         zeros: list[Socket] = []
         for length, mtype, mseq, mstate, phi, plo, src, uid, inode in _uniform(family, first).iter_unpack(
             data
@@ -228,7 +235,7 @@ class _Dump:
             else:
                 sock = Socket(proto, family, address, port, inode, uid)
             if inode:
-                found[inode] = sock
+                found(sock)
             else:
                 zeros.append(sock)
         reply.zeros = zeros
@@ -255,7 +262,7 @@ class _Dump:
                         address = self.addresses[src] = self.format(src)
                     sock = Socket(self.proto, self.family, address, phi << 8 | plo, inode, uid)
                     if inode:
-                        reply.found[inode] = sock
+                        reply.sockets.append(sock)
                     else:
                         reply.zeros.append(sock)
             elif mtype in (NLMSG_DONE, NLMSG_ERROR):

@@ -143,8 +143,9 @@ def test_second_call_reuses_equal_sockets_and_never_stale_ones(
         Socket(Proto.UDP, 4, "127.0.0.1", right.port, right.inode, right.uid),
         Socket(Proto.TCP, 6, "127.0.0.1", right.port, right.inode, right.uid),
     ):
-        sockdiag._previous = {right.inode: stale}
-        sockdiag._replies_before = {}  # else the unchanged reply is reused before any field check
+        remembered = sockdiag._Reply(b"")  # a reply that matches none: its sockets are the last listing
+        remembered.sockets = [stale]
+        sockdiag._replies_before = {(Proto.TCP, 4, 99): remembered}
         listed = {s.inode: s for s in list_listeners()}
         assert listed[right.inode] == right
 
@@ -184,7 +185,7 @@ def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]
         results = []
         for walk_only in (False, True):
             found: dict[int, Socket] = {}
-            dump = sockdiag._Dump(proto, family, seq=1, previous={})
+            dump = sockdiag._Dump(proto, family, seq=1)
             buf = bytearray(sockdiag._BUFSIZE + sockdiag._MSG_LEN)
             with sockdiag._open() as sock:
                 for n in sockdiag._replies(sock, buf, dump.request(), dump.name):
@@ -193,8 +194,8 @@ def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]
                         reply = sockdiag._Reply(raw)
                         reply.done = dump._take_any(raw, reply)
                     else:
-                        reply = dump.take(raw)
-                    found.update(reply.found)
+                        reply = dump.take(raw, {})
+                    found.update({s.inode: s for s in reply.sockets})
                     if reply.done:
                         break
             results.append(found)
@@ -204,7 +205,7 @@ def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]
 
 def test_kernel_error_is_reported_as_unavailable() -> None:
     """A dump for a protocol with no sock_diag handler ends in NLMSG_ERROR, reported with errno."""
-    dump = sockdiag._Dump(Proto.UDP, 4, seq=1, previous={})
+    dump = sockdiag._Dump(Proto.UDP, 4, seq=1)
     request = bytearray(dump.request())
     request[17] = 253  # sdiag_protocol: IANA's "for experimentation", no handler in any kernel
     buf = bytearray(sockdiag._BUFSIZE + sockdiag._MSG_LEN)
@@ -212,7 +213,7 @@ def test_kernel_error_is_reported_as_unavailable() -> None:
     def run() -> None:
         with sockdiag._open() as sock:
             for n in sockdiag._replies(sock, buf, bytes(request), dump.name):
-                if dump.take(bytes(buf[:n])).done:
+                if dump.take(bytes(buf[:n]), {}).done:
                     break
 
     with pytest.raises(SockDiagUnavailable, match=r"not supported by this kernel"):
