@@ -22,6 +22,7 @@ from portwatch.procfs import (
     parse_cgroup_unit,
     parse_cmdline,
     parse_comm,
+    parse_last_pid,
     parse_net_table,
     parse_socket_link,
     parse_status_uid,
@@ -128,6 +129,14 @@ class ProcFS:
         return result
 
     # -- processes -----------------------------------------------------------
+
+    def last_pid(self) -> int | None:
+        """The pid most recently given out (any new process or thread changes it); None if unknown."""
+        try:
+            with open(f"{self.root}/loadavg", "rb") as f:
+                return parse_last_pid(f.read().decode("ascii", "replace"))
+        except OSError:
+            return None
 
     def pids(self) -> list[int]:
         """Every process id visible under root (tasks that are not thread leaders are not listed)."""

@@ -144,6 +144,17 @@ def parse_socket_link(target: str) -> int | None:
     return None
 
 
+def parse_last_pid(text: str) -> int | None:
+    """/proc/loadavg's fifth field: the pid most recently given out in this pid namespace.
+
+    `0.10 0.21 0.34 1/737 2134` -> 2134; None when the text has another shape.
+    """
+    fields = text.split()
+    if len(fields) == 5 and fields[4].isascii() and fields[4].isdigit():
+        return int(fields[4])
+    return None
+
+
 def parse_comm(raw: bytes) -> str:
     """/proc/<pid>/comm: the name, up to 15 bytes, with the kernel's newline removed.
 

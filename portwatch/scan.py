@@ -271,8 +271,8 @@ class TickStats:
     """What one tracker update did and cost (seconds of wall time), for the benchmark and debug logs."""
 
     __slots__ = (
-        "full_walk", "links_read", "rebuilt", "recheck_s", "rechecked_fds", "rotate_s", "search_s",
-        "snapshot_s", "total_s", "walked_pids",
+        "full_walk", "links_read", "listed_pids", "rebuilt", "recheck_s", "rechecked_fds", "rotate_s",
+        "search_s", "snapshot_s", "total_s", "walked_pids",
     )
 
     def __init__(self) -> None:
@@ -280,6 +280,7 @@ class TickStats:
         self.walked_pids = 0  # processes whose fd directory was read whole
         self.links_read = 0  # fd links read, re-checks included: the syscalls that cost
         self.full_walk = False  # an inode nothing explained made us search old processes
+        self.listed_pids = False  # /proc was listed (something was forked since the last tick)
         self.rebuilt = 0  # listeners built anew (the rest were carried over unchanged)
         self.recheck_s = 0.0
         self.search_s = 0.0  # new and hinted processes, and the search for unexplained inodes
@@ -347,6 +348,7 @@ class OwnerTracker:
         # sockets have one holder, and a set would cost 200 bytes each)
         self._held: dict[int, int | tuple[int, ...]] = {}
         self._known_pids: set[int] = set()
+        self._last_pid: int | None = None  # /proc/loadavg's, at the last listing of /proc
         # pid -> the last tick it started, was hinted, or opened a listener: where new listeners appear
         self._recent: dict[int, int] = {}
         self._unresolved: set[int] = set()  # inodes a search found no holder for
@@ -433,9 +435,19 @@ class OwnerTracker:
         if early:  # the hinted pids are the new processes; exits are noticed by the next regular update
             current = self._known_pids.union(hint_pids)
         else:
-            current = set(self.procfs.pids())
-            for pid in self._known_pids - current:
-                self._forget_pid(pid)
+            last_pid = self.procfs.last_pid()
+            if last_pid is not None and last_pid == self._last_pid:
+                # No pid was given out since the last listing, so there is no new process (a
+                # wrap back to the same pid within one interval would take millions of forks).
+                # Exits need no listing: a holder's re-check fails, others are forgotten when
+                # the rotation or the next listing meets them.
+                current = self._known_pids
+            else:
+                current = set(self.procfs.pids())
+                stats.listed_pids = True
+                for pid in self._known_pids - current:
+                    self._forget_pid(pid)
+            self._last_pid = last_pid
         new = current - self._known_pids
         hinted = current.intersection(hint_pids)
         if self._tick > 1:  # at the first update everything is new, and nothing is recent

@@ -14,6 +14,7 @@ from portwatch.procfs import (
     parse_cgroup_unit,
     parse_cmdline,
     parse_comm,
+    parse_last_pid,
     parse_net_table,
     parse_socket_link,
     parse_status_uid,
@@ -150,6 +151,18 @@ def test_decode_address_examples() -> None:
 def test_socket_link(target: str, inode: int | None) -> None:
     """Only `socket:[N]` link targets are sockets."""
     assert parse_socket_link(target) == inode
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("0.10 0.21 0.34 1/737 2134\n", 2134),  # this kernel's
+    ("0.00 0.00 0.00 1/1 1", 1),
+    ("0.10 0.21 0.34 1/737\n", None),
+    ("0.10 0.21 0.34 1/737 21x4\n", None),
+    ("0.10 0.21 0.34 1/737 \u0663\n", None),  # a non-ASCII digit is not a pid
+    ("", None),
+])
+def test_last_pid_from_loadavg(text: str, expected: int | None) -> None:
+    assert parse_last_pid(text) == expected
 
 
 def test_comm_keeps_hostile_bytes() -> None:

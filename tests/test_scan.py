@@ -198,6 +198,26 @@ def test_early_updates_read_only_the_hinted_processes(
     assert pids_of(update(tracker, inodes), old.inode) == {old.pid}
 
 
+def test_proc_is_listed_only_when_a_pid_was_given_out(
+    holders: Callable[..., Holder], tracker: OwnerTracker
+) -> None:
+    """A quiet tick skips the listing of /proc (/proc/loadavg's last pid is unchanged); a fork
+    makes the next update list it, and the new holder is found at once."""
+    update(tracker, set())
+    for _ in range(50):  # the host may fork now and then; some update must find it quiet
+        update(tracker, set())
+        if not tracker.last.listed_pids:
+            break
+        time.sleep(0.02)
+    else:
+        pytest.fail("every update listed /proc: the host never stopped forking?")
+    server = holders([TCP4], fork=1)
+    snap = update(tracker, {server.inode})
+    assert tracker.last.listed_pids
+    assert pids_of(snap, server.inode) == {server.pid, *server.children}
+    assert not tracker.last.full_walk  # found as new processes, not by a search
+
+
 def test_handover_to_an_old_process(helper: Helper, tracker: OwnerTracker) -> None:
     """SCM_RIGHTS to a process that was there before: a copy is caught by the rotation
     within rotation_ticks updates; once the sender closes its own, at the next update."""
