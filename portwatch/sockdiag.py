@@ -95,11 +95,12 @@ def list_listeners(
             for n, length in enumerate(_replies(sock, buf, dump.request(), dump.name)):
                 key = (proto, family, n)
                 raw = bytes(memoryview(buf)[:length])
+                digest = _digest(raw)
                 reply = before.get(key)
-                if reply is None or reply.digest != _digest(raw):
+                if reply is None or reply.digest != digest:
                     if previous is None:
                         previous = {s.inode: s for r in before.values() for s in r.sockets}
-                    reply = dump.take(raw, previous)
+                    reply = dump.take(raw, digest, previous)
                 seen[key] = reply
                 for s in reply.sockets:
                     found[s.inode] = s
@@ -122,8 +123,8 @@ class _Reply:
 
     __slots__ = ("digest", "done", "sockets", "zeros")
 
-    def __init__(self, raw: bytes) -> None:
-        self.digest = _digest(raw)
+    def __init__(self, digest: tuple[int, int]) -> None:
+        self.digest = digest
         self.sockets: list[Socket] = []  # listeners with an inode
         self.zeros: list[Socket] = []  # listeners with inode 0
         self.done = False  # it ended the dump
@@ -188,9 +189,9 @@ class _Dump:
             1 << self.state,  # the kernel skips every socket in another state
         )
 
-    def take(self, raw: bytes, previous: dict[int, Socket]) -> _Reply:
-        """Parse one reply."""
-        reply = _Reply(raw)
+    def take(self, raw: bytes, digest: tuple[int, int], previous: dict[int, Socket]) -> _Reply:
+        """Parse one reply (`digest`: its `_digest`)."""
+        reply = _Reply(digest)
         if not self._take_uniform(raw, reply, previous):
             reply.sockets.clear()
             reply.done = self._take_any(raw, reply)

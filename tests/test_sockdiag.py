@@ -143,7 +143,7 @@ def test_second_call_reuses_equal_sockets_and_never_stale_ones(
         Socket(Proto.UDP, 4, "127.0.0.1", right.port, right.inode, right.uid),
         Socket(Proto.TCP, 6, "127.0.0.1", right.port, right.inode, right.uid),
     ):
-        remembered = sockdiag._Reply(b"")  # a reply that matches none: its sockets are the last listing
+        remembered = sockdiag._Reply((0, 0))  # a reply that matches none: its sockets are the last listing
         remembered.sockets = [stale]
         sockdiag._replies_before = {(Proto.TCP, 4, 99): remembered}
         listed = {s.inode: s for s in list_listeners()}
@@ -191,10 +191,10 @@ def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]
                 for n in sockdiag._replies(sock, buf, dump.request(), dump.name):
                     raw = bytes(buf[:n])
                     if walk_only:
-                        reply = sockdiag._Reply(raw)
+                        reply = sockdiag._Reply(sockdiag._digest(raw))
                         reply.done = dump._take_any(raw, reply)
                     else:
-                        reply = dump.take(raw, {})
+                        reply = dump.take(raw, sockdiag._digest(raw), {})
                     found.update({s.inode: s for s in reply.sockets})
                     if reply.done:
                         break
@@ -213,7 +213,8 @@ def test_kernel_error_is_reported_as_unavailable() -> None:
     def run() -> None:
         with sockdiag._open() as sock:
             for n in sockdiag._replies(sock, buf, bytes(request), dump.name):
-                if dump.take(bytes(buf[:n]), {}).done:
+                raw = bytes(buf[:n])
+                if dump.take(raw, sockdiag._digest(raw), {}).done:
                     break
 
     with pytest.raises(SockDiagUnavailable, match=r"not supported by this kernel"):
