@@ -250,23 +250,19 @@ class ProcFS:
         """
         try:
             dfd = os.open(f"{self.root}/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                return self._process_at(pid, dfd)
+            finally:
+                os.close(dfd)
         except OSError as exc:
             if isinstance(_gone_or_denied(exc), ProcessGone):
                 return None
             raise
-        try:
-            return self._process_at(pid, dfd)
-        finally:
-            os.close(dfd)
 
-    def _process_at(self, pid: int, dfd: int) -> Process | None:
-        try:
-            comm = parse_comm(_read_at(dfd, "comm"))
-            status = _read_at(dfd, "status").decode("utf-8", "surrogateescape")
-        except OSError as exc:
-            if isinstance(_gone_or_denied(exc), ProcessGone):
-                return None
-            raise
+    def _process_at(self, pid: int, dfd: int) -> Process:
+        """Raises OSError when comm or status cannot be read; the rest is optional."""
+        comm = parse_comm(_read_at(dfd, "comm"))
+        status = _read_at(dfd, "status").decode("utf-8", "surrogateescape")
         uid = parse_status_uid(status)
         exe = self._optional(lambda: os.readlink("exe", dir_fd=dfd))
         cmdline_raw = self._optional(lambda: _read_at(dfd, "cmdline"))
