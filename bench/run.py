@@ -504,6 +504,19 @@ class Options:
     skip: set[str] = field(default_factory=set)
 
 
+def detect_and_short(tree: Tree, daemon: Daemon, opts: Options, rng: random.Random, *, mode: str,
+                     label: str) -> dict[str, Any]:
+    """Detection latency and the short-lived shares of one daemon, as `detect_<mode>`, `short_<mode>`."""
+    found: dict[str, Any] = {}
+    if "detect" not in opts.skip:
+        found[f"detect_{mode}"] = detection(tree, daemon, opts.trials, rng)
+        print(f"  detection, {label}: {found[f'detect_{mode}']}", flush=True)
+    if "short" not in opts.skip:
+        found[f"short_{mode}"] = short_lived(tree, daemon, LIFETIMES, opts.short_trials, rng)
+        print(f"  short-lived, {label}: {found[f'short_{mode}']}", flush=True)
+    return found
+
+
 def bench_scene(name: str, tree: Tree, opts: Options, workdir: Path) -> dict[str, Any]:
     rng = random.Random(opts.seed)  # noqa: S311 (timing jitter, not a secret)
     result: dict[str, Any] = {"scene": name}
@@ -524,12 +537,8 @@ def bench_scene(name: str, tree: Tree, opts: Options, workdir: Path) -> dict[str
             daemon = Daemon(tree, workdir / f"{name}-events", proc_events=True)
             try:
                 result["proc_events"] = daemon.started.get("proc_events")
-                if "detect" not in opts.skip:
-                    result["detect_events"] = detection(tree, daemon, opts.trials, rng)
-                    print(f"  detection, proc connector: {result['detect_events']}", flush=True)
-                if "short" not in opts.skip:
-                    result["short_events"] = short_lived(tree, daemon, LIFETIMES, opts.short_trials, rng)
-                    print(f"  short-lived, proc connector: {result['short_events']}", flush=True)
+                result.update(detect_and_short(tree, daemon, opts, rng, mode="events",
+                                               label="proc connector"))
             finally:
                 daemon.stop()
         daemon = Daemon(tree, workdir / f"{name}-poll", proc_events=False)
@@ -538,12 +547,7 @@ def bench_scene(name: str, tree: Tree, opts: Options, workdir: Path) -> dict[str
                 time.sleep(ROTATION_TICKS * INTERVAL)  # settle: the first rotation after start costs more
                 result["steady"] = steady_tick(daemon, opts.steady_seconds, opts.steady_attempts)
                 print(f"  steady tick: {result['steady']}", flush=True)
-            if "detect" not in opts.skip:
-                result["detect_poll"] = detection(tree, daemon, opts.trials, rng)
-                print(f"  detection, polling: {result['detect_poll']}", flush=True)
-            if "short" not in opts.skip:
-                result["short_poll"] = short_lived(tree, daemon, LIFETIMES, opts.short_trials, rng)
-                print(f"  short-lived, polling: {result['short_poll']}", flush=True)
+            result.update(detect_and_short(tree, daemon, opts, rng, mode="poll", label="polling"))
             if "tick" not in opts.skip and info["connections"]:
                 # Same processes and fd count, no established connection: the tick must not change.
                 scene.drop_connections()
