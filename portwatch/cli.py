@@ -17,7 +17,8 @@ from typing import Any, NoReturn, TextIO
 
 from portwatch import __version__
 from portwatch.model import Listener, Proto, Snapshot
-from portwatch.proc import AccessDenied, ProcessGone, ProcFS
+from portwatch.proc import ProcFS
+from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import ProcParseError
 from portwatch.render import (
     LISTENER_HEADERS,
@@ -31,6 +32,7 @@ from portwatch.render import (
 )
 from portwatch.scan import SocketLister, Source, full_scan
 from portwatch.sockdiag import SockDiagUnavailable
+from portwatch.walk import Walk
 
 
 class ExitStatus(IntEnum):
@@ -136,16 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def console() -> NoReturn:
+def console(walk: Walk | None = None) -> NoReturn:
     """The `portwatch` command: `main`, then, for the one-shot views, a quick exit.
+
+    `walk`: a walk of /proc begun by portwatch.__main__ before this module
+    was imported, used by `list` and `who` and dropped otherwise.
 
     Freeing every object at interpreter exit costs a view 6-8 ms on a host
     with a thousand listeners, 5% of its run. The views need nothing from
     that teardown (no threads, atexit work or temporary files), so they
     flush their output and leave with os._exit. The daemon exits normally.
     """
-    args = build_parser().parse_args()
-    status = _main(args)
+    try:
+        args = build_parser().parse_args()
+        if walk is not None and (args.command not in ("list", "who") or args.proc != walk.root):
+            walk.abandon()
+            walk = None
+        status = _main(args, walk)
+    finally:
+        if walk is not None:
+            walk.abandon()  # after an error; a finished walk has nothing left to stop
     if args.command == "run":
         sys.exit(status)
     for stream in (sys.stdout, sys.stderr):
@@ -158,9 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _main(build_parser().parse_args(argv))
 
 
-def _main(args: argparse.Namespace) -> int:
+def _main(args: argparse.Namespace, walk: Walk | None = None) -> int:
     try:
-        return _dispatch(args)
+        return _dispatch(args, walk)
     except BrokenPipeError:
         # `portwatch list | head`: the reader left; not an error worth a traceback.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -170,7 +182,7 @@ def _main(args: argparse.Namespace) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
     if args.command == "check":
         return _check(args)
     if args.command == "run":
@@ -186,7 +198,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "ps":
             return _ps(args, procfs, lister)
-        return _listeners(args, procfs, lister)
+        return _listeners(args, procfs, lister, walk)
     except (ProcParseError, SockDiagUnavailable) as exc:
         sys.stderr.write(f"portwatch: {exc}\n")
         return ExitStatus.DATA_ERROR
@@ -217,9 +229,9 @@ def _selection(args: argparse.Namespace) -> tuple[tuple[Proto, ...], tuple[int, 
     return protocols, families
 
 
-def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
+def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, walk: Walk | None) -> int:
     protocols, families = _selection(args)
-    snap = full_scan(procfs, lister, protocols, families)
+    snap = full_scan(procfs, lister, protocols, families, walk=walk)
     listeners = snap.sorted()
     if args.command == "who":
         listeners = [x for x in listeners if x.socket.port == args.port]

@@ -1,15 +1,15 @@
-"""The one module that reads /proc.
+"""Reading /proc (with portwatch.procfd, its import-light part for the fd walk).
 
 It reads each file whole and hands the text to the pure parsers in
 `portwatch.procfs`. Races are normal here: a process may exit between any two
-reads. That is translated in one place (`_gone_or_denied`): ENOENT and ESRCH
-mean the process left and are skipped quietly; EACCES and EPERM are counted
-as denied so callers can say what they could not see; anything else is raised.
+reads. That is translated in one place (`procfd.gone_or_denied`): ENOENT and
+ESRCH mean the process left and are skipped quietly; EACCES and EPERM are
+counted as denied so callers can say what they could not see; anything else
+is raised.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import sys
@@ -17,6 +17,17 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 from portwatch.model import Process, Proto, Socket
+from portwatch.procfd import (
+    DEFAULT_ROOT,
+    DENIED,
+    GONE,
+    ProcessGone,
+    gone_or_denied,
+    list_pids,
+    open_fd_dir,
+    socket_fds,
+    socket_fds_at,
+)
 from portwatch.procfs import (
     ByteOrder,
     parse_cgroup_unit,
@@ -28,31 +39,7 @@ from portwatch.procfs import (
     parse_status_uid,
 )
 
-DEFAULT_ROOT = "/proc"
 _T = TypeVar("_T")
-
-_GONE = {errno.ENOENT, errno.ESRCH}
-_DENIED = {errno.EACCES, errno.EPERM}
-
-
-class ProcessGone(Exception):
-    """The process exited while we were reading it."""
-
-
-class AccessDenied(Exception):
-    """We may not read this process's fds (another user, no CAP_SYS_PTRACE)."""
-
-
-class TableUnreadable(Exception):
-    """A socket table that must exist could not be read."""
-
-
-def _gone_or_denied(exc: OSError) -> Exception:
-    if exc.errno in _GONE:
-        return ProcessGone()
-    if exc.errno in _DENIED:
-        return AccessDenied()
-    return exc
 
 
 class TableRead:
@@ -139,57 +126,22 @@ class ProcFS:
             return None
 
     def pids(self) -> list[int]:
-        """Every process id visible under root (tasks that are not thread leaders are not listed)."""
-        return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+        return list_pids(self.root)
 
     def socket_fds(self, pid: int) -> dict[int, int]:
-        """{fd: socket inode} for every socket fd of `pid`.
-
-        Raises ProcessGone or AccessDenied. readlink relative to a directory
-        fd saves the kernel a path walk per fd, which is most of the cost on
-        hosts with hundreds of thousands of fds.
-        """
-        dfd = self.open_fd_dir(pid)
-        try:
-            return self.socket_fds_at(dfd)
-        finally:
-            os.close(dfd)
+        """{fd: socket inode} for every socket fd of `pid`. Raises ProcessGone or AccessDenied."""
+        found, links = socket_fds(self.root, pid)
+        self.links_read += links
+        return found
 
     def open_fd_dir(self, pid: int) -> int:
-        """A directory fd on /proc/<pid>/fd (close-on-exec). Raises ProcessGone or AccessDenied.
-
-        Kept open, it stays bound to that very process: once the process
-        exits, reads through it fail even if the pid is reused.
-        """
-        try:
-            return os.open(f"{self.root}/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _gone_or_denied(exc) from None
+        """A directory fd on /proc/<pid>/fd: see procfd.open_fd_dir."""
+        return open_fd_dir(self.root, pid)
 
     def socket_fds_at(self, dfd: int) -> dict[int, int]:
-        """{fd: socket inode} read through a directory fd from `open_fd_dir`.
-
-        Raises ProcessGone or AccessDenied. This loop runs once per open fd on
-        the host, so it is kept tight: one readlink per fd, on bytes (a str
-        name and target cost two conversions, a quarter of the call), and
-        parse_socket_link inlined.
-        """
-        readlink = os.readlink
-        found: dict[int, int] = {}
-        try:
-            names = os.listdir(dfd)
-            self.links_read += len(names)
-            for name in names:
-                try:
-                    target = readlink(name.encode(), dir_fd=dfd)
-                except FileNotFoundError:
-                    continue  # closed since listdir
-                if target[:8] == b"socket:[" and target[-1:] == b"]":
-                    digits = target[8:-1]
-                    if digits.isdigit():  # bytes.isdigit is ASCII only
-                        found[int(name)] = int(digits)
-        except OSError as exc:
-            raise _gone_or_denied(exc) from None
+        """{fd: socket inode} through a directory fd from `open_fd_dir`: see procfd.socket_fds_at."""
+        found, links = socket_fds_at(dfd)
+        self.links_read += links
         return found
 
     def stale_fds(self, pid: int, dfd: int, links: Mapping[bytes, int]) -> list[bytes]:
@@ -235,7 +187,7 @@ class ProcFS:
         try:
             return parse_socket_link(os.readlink(f"{self.root}/{pid}/fd/{fd}"))
         except OSError as exc:
-            err = _gone_or_denied(exc)
+            err = gone_or_denied(exc)
             if isinstance(err, ProcessGone):
                 return None
             raise err from None
@@ -255,7 +207,7 @@ class ProcFS:
             finally:
                 os.close(dfd)
         except OSError as exc:
-            if isinstance(_gone_or_denied(exc), ProcessGone):
+            if isinstance(gone_or_denied(exc), ProcessGone):
                 return None
             raise
 
@@ -282,7 +234,7 @@ class ProcFS:
         try:
             return read()
         except OSError as exc:
-            if exc.errno in _GONE or exc.errno in _DENIED:
+            if exc.errno in GONE or exc.errno in DENIED:
                 return None
             raise
 
@@ -293,16 +245,6 @@ class ProcFS:
             except KeyError:
                 self._users[uid] = None
         return self._users[uid]
-
-
-def single_threaded() -> bool:
-    """True when this process runs one thread, so fork() is safe (3.12+ warns otherwise)."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[-1].split()
-    except OSError:
-        return False
-    return len(fields) > 17 and fields[17] == b"1"  # field 20, num_threads
 
 
 def _read_at(dfd: int, name: str) -> bytes:

@@ -115,7 +115,7 @@ PROCESS_HEADERS = ["PID", "USER", "COMM", "LISTENING", "COMMAND"]
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, width: int | None = None) -> str:
     """Left-aligned columns; the last column is not padded and may be cut to `width`."""
-    cells = [list(headers), *([escape(c) for c in row] for row in rows)]
+    cells = [list(headers), *map(_escaped, rows)]
     # Column by column with max() and map() (every row has len(headers) cells): 4x faster.
     widths = [max(map(len, column)) for column in zip(*cells, strict=True)][:-1]
     lines = []
@@ -125,3 +125,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, width: int |
             line = line[: max(width - 1, 0)] + ">"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _escaped(row: Sequence[str]) -> list[str]:
+    whole = "".join(row)
+    if whole.isascii() and whole.isprintable() and "\\" not in whole:
+        return list(row)  # nothing to escape in any cell: one check instead of one per cell
+    return [escape(c) for c in row]

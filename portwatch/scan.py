@@ -1,10 +1,8 @@
 """Taking snapshots: list the listening sockets, then find every process holding each.
 
 Two ways to find holders:
-- `full_scan` walks every process's fds once; the one-shot CLI views use it
-  because they must name every owner of every socket. The walk costs one
-  readlink per open fd on the host, so on a host with several CPUs it is
-  split between this process and forked helpers.
+- `full_scan` walks every process's fds once (portwatch.walk); the one-shot
+  CLI views use it because they must name every owner of every socket.
 - `OwnerTracker` is the daemon's: it remembers which (pid, fd) held which
   listening inode and re-checks exactly those each tick (one readlink each,
   through a directory fd kept open per holder), reads the fds of processes
@@ -21,20 +19,19 @@ Two ways to find holders:
 from __future__ import annotations
 
 import errno
-import fcntl
-import marshal
 import operator
 import os
 import resource
-import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 
 from portwatch import sockdiag
 from portwatch.model import Listener, Process, Proto, Snapshot, Socket
-from portwatch.proc import AccessDenied, ProcessGone, ProcFS, TableRead, single_threaded
+from portwatch.proc import ProcFS, TableRead
+from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.snapshot import build_snapshot
+from portwatch.walk import Walk
 
 
 class Source(StrEnum):
@@ -73,194 +70,30 @@ class SocketLister:
         return self.procfs.read_sockets(protocols, families)
 
 
-class WalkResult:
-    """Who holds which of the wanted inodes, and which processes could not be read."""
-
-    __slots__ = ("denied", "holders", "processes")
-
-    def __init__(self) -> None:
-        self.holders: dict[int, set[int]] = {}  # inode -> pids
-        self.denied: set[int] = set()
-        self.processes: dict[int, Process] = {}  # filled by walk_all
-
-    def merge(self, other: WalkResult) -> None:
-        for inode, pids in other.holders.items():
-            self.holders.setdefault(inode, set()).update(pids)
-        self.denied |= other.denied
-        self.processes.update(other.processes)
-
-
-def walk_holders(procfs: ProcFS, inodes: set[int], pids: Iterable[int]) -> WalkResult:
-    """Read the fds of `pids` and record which of them hold one of `inodes`."""
-    result = WalkResult()
-    holders = result.holders
-    for pid in pids:
-        try:
-            fds = procfs.socket_fds(pid)
-        except ProcessGone:
-            continue
-        except AccessDenied:
-            result.denied.add(pid)
-            continue
-        for inode in fds.values():
-            if inode in inodes:
-                holders.setdefault(inode, set()).add(pid)
-    return result
-
-
-def read_processes(procfs: ProcFS, pids: Iterable[int]) -> dict[int, Process]:
-    found = {}
-    for pid in pids:
-        info = procfs.process(pid)
-        if info is not None:
-            found[pid] = info
-    return found
-
-
-# Below this many processes a helper costs more (fork, page faults) than it saves.
-_MIN_PIDS_PER_HELPER = 200
-_MAX_HELPERS = 3
-_PID = struct.Struct("=i")
-
-
-def walk_all(procfs: ProcFS, inodes: set[int], pids: list[int], *, workers: int | None = None) -> WalkResult:
-    """walk_holders over `pids` plus the details of every holder, on up to `workers` CPUs.
-
-    The kernel does most of the work (a getdents entry and a readlink per
-    fd, ~2 us), so the walk scales with CPUs; threads would not (every
-    readlink hands the GIL over). This process and forked helpers take pids
-    one at a time from a pipe filled beforehand, so a process with
-    thousands of fds does not leave one of them waiting for the other, and
-    the helpers send back what they found with marshal. fork() is only used
-    while this process is single-threaded; if a helper fails, the walk is
-    done again here.
-    """
-    if workers is None:
-        cpus = len(os.sched_getaffinity(0))
-        workers = min(cpus, _MAX_HELPERS + 1, len(pids) // _MIN_PIDS_PER_HELPER or 1)
-    workers = max(1, min(workers, len(pids)))
-    queue = _pid_queue(pids) if workers > 1 and single_threaded() else None
-    if queue is None:
-        return _walk_share(procfs, inodes, pids)
-    helpers: list[tuple[int, int]] = []
-    try:
-        for _ in range(workers - 1):
-            try:
-                helpers.append(_fork_helper(procfs, inodes, queue))
-            except OSError:
-                break  # no fork (EAGAIN, ENOMEM): fewer hands
-        result = _walk_share(procfs, inodes, _take(queue))
-    finally:
-        os.close(queue)
-    results = [_collect(pid, rfd) for pid, rfd in helpers]
-    for other in results:
-        if other is None:  # which pids it took is unknown: walk them all here
-            return _walk_share(procfs, inodes, pids)
-        result.merge(other)
-    return result
-
-
-def _pid_queue(pids: list[int]) -> int | None:
-    """The read end of a pipe holding every pid (closed for writing), or None if they do not fit."""
-    data = b"".join(_PID.pack(pid) for pid in pids)
-    rfd, wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        if len(data) > 65536:
-            fcntl.fcntl(wfd, fcntl.F_SETPIPE_SZ, len(data))
-        if os.write(wfd, data) == len(data):
-            return rfd
-    except OSError:
-        pass
-    finally:
-        os.close(wfd)
-    os.close(rfd)
-    return None
-
-
-def _take(queue: int) -> Iterator[int]:
-    """Pids from the queue until it is empty; a read of one pid is atomic, so no pid is taken twice."""
-    read, size, unpack = os.read, _PID.size, _PID.unpack
-    while chunk := read(queue, size):
-        yield unpack(chunk)[0]
-
-
-def _walk_share(procfs: ProcFS, inodes: set[int], pids: Iterable[int]) -> WalkResult:
-    result = walk_holders(procfs, inodes, pids)
-    holder_pids = set().union(*result.holders.values()) if result.holders else set()
-    result.processes = read_processes(procfs, holder_pids)
-    return result
-
-
-def _fork_helper(procfs: ProcFS, inodes: set[int], queue: int) -> tuple[int, int]:
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(rfd)
-        os.close(wfd)
-        raise
-    if pid == 0:  # the helper: walk, send, and leave without running any of the parent's cleanup
-        code = 1
-        try:
-            os.close(rfd)
-            found = _walk_share(procfs, inodes, _take(queue))
-            data = marshal.dumps((
-                {inode: list(pids) for inode, pids in found.holders.items()},
-                list(found.denied),
-                [(p.pid, p.comm, p.exe, p.cmdline, p.uid, p.user, p.unit) for p in found.processes.values()],
-            ))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(wfd, view):]
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    return pid, rfd
-
-
-def _collect(pid: int, rfd: int) -> WalkResult | None:
-    """A helper's result, or None when it failed."""
-    chunks = []
-    try:
-        while chunk := os.read(rfd, 1 << 20):
-            chunks.append(chunk)
-    finally:
-        os.close(rfd)
-        _, status = os.waitpid(pid, 0)
-    if status != 0:
-        return None
-    # Our own helper wrote it, through a pipe nobody else holds.
-    holders, denied, processes = marshal.loads(b"".join(chunks))  # noqa: S302
-    result = WalkResult()
-    result.holders = {inode: set(pids) for inode, pids in holders.items()}
-    result.denied = set(denied)
-    result.processes = {p[0]: Process(*p) for p in processes}
-    return result
-
-
 def full_scan(
     procfs: ProcFS,
     lister: SocketLister,
     protocols: Iterable[Proto] = (Proto.TCP, Proto.UDP),
     families: Iterable[int] = (4, 6),
     *,
+    walk: Walk | None = None,
     workers: int | None = None,
 ) -> Snapshot:
-    """One complete snapshot: every listener and every process holding it.
+    """One complete snapshot: every listening socket and every process holding it.
 
-    `workers`: how many processes share the walk (default: one per CPU, at
-    most 4, and one per 200 processes on the host).
+    `walk`: one begun earlier over procfs.root (the `portwatch` command starts
+    it before its own start-up); else one is made here with `workers`.
     """
+    if walk is None:
+        walk = Walk(procfs.root, workers=workers)
     table = lister.list(protocols, families)
-    inodes = {s.inode for s in table.sockets if s.inode}
-    walk = walk_all(procfs, inodes, procfs.pids(), workers=workers)
+    found = walk.finish(procfs, {s.inode for s in table.sockets if s.inode})
     return build_snapshot(
         table.sockets,
-        walk.holders,
-        walk.processes,
+        found.holders,
+        found.processes,
         complete=table.complete,
-        denied_pids=len(walk.denied),
+        denied_pids=len(found.denied),
     )
 
 

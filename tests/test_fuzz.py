@@ -30,7 +30,8 @@ from portwatch.events import listener_fields
 from portwatch.journal import encode_entry
 from portwatch.log import EventLog, journal_fields
 from portwatch.model import Listener, Process, Proto, Snapshot, Socket, Unresolved
-from portwatch.proc import AccessDenied, ProcessGone, ProcFS
+from portwatch.proc import ProcFS
+from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import (
     ProcParseError,
     format_ipv4,

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from portwatch import scan
 from portwatch.model import Proto, Snapshot, Socket
-from portwatch.proc import ProcFS, single_threaded
+from portwatch.proc import ProcFS
+from portwatch.procfd import single_threaded
 from portwatch.scan import OwnerTracker, SocketLister, Source, full_scan
 from portwatch.sockdiag import list_listeners
 from tests.conftest import Holder
@@ -341,26 +341,6 @@ def test_close_releases_directory_fds(holders: Callable[..., Holder]) -> None:
     snap = update(tracker, {server.inode})  # still usable: re-opens what it needs
     assert len(pids_of(snap, server.inode)) == 4
     tracker.close()
-
-
-def test_a_forked_helper_sends_back_what_it_found(holders: Callable[..., Holder]) -> None:
-    """The split walk's helper process: it takes pids from the queue, and what it sends back
-    (holders, their details, denied pids) equals what this process finds by itself."""
-    server = holders([TCP4, {**TCP4, "proto": "udp"}], fork=1)
-    inodes = {s["inode"] for s in server.sockets}
-    pids = [server.pid, *server.children, os.getpid()]
-    procfs = ProcFS()
-    queue = scan._pid_queue(pids)
-    assert queue is not None
-    try:
-        pid, rfd = scan._fork_helper(procfs, inodes, queue)
-    finally:
-        os.close(queue)
-    theirs = scan._collect(pid, rfd)  # this process took nothing: the helper read every pid
-    mine = scan._walk_share(procfs, inodes, pids)
-    assert theirs is not None
-    assert (theirs.holders, theirs.denied, theirs.processes) == (mine.holders, mine.denied, mine.processes)
-    assert theirs.holders == {inode: {server.pid, *server.children} for inode in inodes}
 
 
 def _stable(make: Callable[[], Snapshot], other: Callable[[], Snapshot], inodes: set[int]
