@@ -23,7 +23,7 @@ import pytest
 from portwatch.model import Proto, Snapshot, Socket
 from portwatch.proc import ProcFS
 from portwatch.procfd import single_threaded
-from portwatch.scan import OwnerTracker, SocketLister, Source, full_scan
+from portwatch.scan import RECHECK_TICKS, OwnerTracker, SocketLister, Source, full_scan
 from portwatch.sockdiag import list_listeners
 from tests.conftest import Holder
 
@@ -169,6 +169,65 @@ def test_new_listener_new_holders_and_a_lost_worker(
     assert {i: pids_of(snap, i) for i in inodes} == {i: everyone - {server.children[0]} for i in inodes}
     assert snap.listeners[server.inode].processes[0].comm.startswith("python")
     assert not tracker.last.full_walk
+
+
+# A server with three listeners and one worker holding them too; each SIGUSR1 makes the
+# worker do its next step: close its copy of the last listener, then exit.
+WORKER_STEPS = r"""
+import json, os, signal, socket, sys
+socks = []
+for _ in range(3):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8); socks.append(s)
+worker = os.fork()
+if worker == 0:
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    signal.pause(); socks[2].close(); print("closed", flush=True)
+    signal.pause(); os._exit(0)
+print(json.dumps({"pid": os.getpid(), "worker": worker,
+                  "inodes": [os.fstat(s.fileno()).st_ino for s in socks]}), flush=True)
+sys.stdin.read()
+os.kill(worker, signal.SIGKILL)
+"""
+
+
+def test_a_holder_closing_one_fd_or_exiting() -> None:
+    """A worker that closes its copy of one listener and keeps running is dropped from that
+    listener's holders within RECHECK_TICKS updates; when it exits, at the very next update,
+    from every listener, though only one of its fds is re-read at most updates. (The rotation,
+    which would read the worker whole too, is kept out of the way: 600 updates.)"""
+    tracker = OwnerTracker(ProcFS(), rotation_ticks=600)
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_STEPS], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        server, worker, inodes = info["pid"], info["worker"], set(info["inodes"])
+        closed = info["inodes"][2]
+        snap = update(tracker, inodes)
+        assert {i: pids_of(snap, i) for i in inodes} == {i: {server, worker} for i in inodes}
+        os.kill(worker, signal.SIGUSR1)  # started by us (a fork of our child)
+        assert proc.stdout.readline() == "closed\n"
+        updates = 0
+        while worker in pids_of(snap, closed):
+            assert updates < RECHECK_TICKS, "the closed fd was not noticed in time"
+            snap = update(tracker, inodes)
+            updates += 1
+        assert {i: pids_of(snap, i) for i in inodes - {closed}} == {i: {server, worker} for i in inodes - {closed}}
+        for _ in range(RECHECK_TICKS):  # whichever turn comes next
+            assert pids_of(update(tracker, inodes), closed) == {server}
+        os.kill(worker, signal.SIGUSR1)  # it exits (a zombie until the server reaps it)
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{worker}/fd/0") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        snap = update(tracker, inodes)
+        assert {i: pids_of(snap, i) for i in inodes} == {i: {server} for i in inodes}
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        tracker.close()
 
 
 def test_early_updates_read_only_the_hinted_processes(
