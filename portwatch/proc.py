@@ -13,18 +13,17 @@ from __future__ import annotations
 import os
 import pwd
 import sys
-from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Iterable, Mapping
 
 from portwatch.model import Process, Proto, Socket
 from portwatch.procfd import (
     DEFAULT_ROOT,
-    DENIED,
-    GONE,
+    ProcessFiles,
     ProcessGone,
     gone_or_denied,
     list_pids,
     open_fd_dir,
+    process_files,
     socket_fds,
     socket_fds_at,
 )
@@ -38,8 +37,6 @@ from portwatch.procfs import (
     parse_socket_link,
     parse_status_uid,
 )
-
-_T = TypeVar("_T")
 
 
 class TableRead:
@@ -197,46 +194,23 @@ class ProcFS:
 
         Fields we may not read (exe of another user's process) are None
         rather than an error: the pid and name are still worth reporting.
-        The files are opened relative to one directory fd: `portwatch list`
-        reads this for every process holding a socket.
         """
-        try:
-            dfd = os.open(f"{self.root}/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                return self._process_at(pid, dfd)
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            if isinstance(gone_or_denied(exc), ProcessGone):
-                return None
-            raise
+        files = process_files(self.root, pid)
+        return None if files is None else self.process_from(pid, files)
 
-    def _process_at(self, pid: int, dfd: int) -> Process:
-        """Raises OSError when comm or status cannot be read; the rest is optional."""
-        comm = parse_comm(_read_at(dfd, "comm"))
-        status = _read_at(dfd, "status").decode("utf-8", "surrogateescape")
-        uid = parse_status_uid(status)
-        exe = self._optional(lambda: os.readlink("exe", dir_fd=dfd))
-        cmdline_raw = self._optional(lambda: _read_at(dfd, "cmdline"))
-        cgroup_raw = self._optional(lambda: _read_at(dfd, "cgroup"))
+    def process_from(self, pid: int, files: ProcessFiles) -> Process:
+        """The Process that `procfd.process_files` read (here, or in a walk helper)."""
+        comm, status, exe, cmdline, cgroup = files
+        uid = parse_status_uid(status.decode("utf-8", "surrogateescape"))
         return Process(
             pid=pid,
-            comm=comm,
+            comm=parse_comm(comm),
             exe=exe,
-            cmdline=parse_cmdline(cmdline_raw) if cmdline_raw is not None else (),
+            cmdline=parse_cmdline(cmdline) if cmdline is not None else (),
             uid=uid,
             user=self.user_name(uid) if uid is not None else None,
-            unit=parse_cgroup_unit(cgroup_raw.decode("utf-8", "replace")) if cgroup_raw else None,
+            unit=parse_cgroup_unit(cgroup.decode("utf-8", "replace")) if cgroup else None,
         )
-
-    @staticmethod
-    def _optional(read: Callable[[], _T]) -> _T | None:
-        try:
-            return read()
-        except OSError as exc:
-            if exc.errno in GONE or exc.errno in DENIED:
-                return None
-            raise
 
     def user_name(self, uid: int) -> str | None:
         if uid not in self._users:
@@ -245,15 +219,3 @@ class ProcFS:
             except KeyError:
                 self._users[uid] = None
         return self._users[uid]
-
-
-def _read_at(dfd: int, name: str) -> bytes:
-    """The whole file `name` under directory fd `dfd`, without the io module's layers."""
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)

@@ -10,6 +10,13 @@ from __future__ import annotations
 import errno
 import os
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    T = TypeVar("T")
+
 DEFAULT_ROOT = "/proc"
 GONE = frozenset((errno.ENOENT, errno.ESRCH))
 DENIED = frozenset((errno.EACCES, errno.EPERM))
@@ -82,6 +89,61 @@ def socket_fds_at(dfd: int) -> tuple[dict[int, int], int]:
     except OSError as exc:
         raise gone_or_denied(exc) from None
     return found, len(names)
+
+
+# comm, status, the exe link, cmdline and cgroup of a process, as read.
+ProcessFiles = tuple[bytes, bytes, str | None, bytes | None, bytes | None]
+
+
+def process_files(root: str, pid: int) -> ProcessFiles | None:
+    """The files that say who `pid` is, unparsed (proc.ProcFS.process_from parses them).
+
+    None when the process has exited. comm and status must be readable (an
+    OSError otherwise); the others are None when refused (the exe of another
+    user's process). Here, not in portwatch.proc, so that a walk helper can
+    read its share of them. The files are opened relative to one directory fd.
+    """
+    try:
+        dfd = os.open(f"{root}/{pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return (
+                _read_at(dfd, "comm"),
+                _read_at(dfd, "status"),
+                _optional(_readlink_at, dfd, "exe"),
+                _optional(_read_at, dfd, "cmdline"),
+                _optional(_read_at, dfd, "cgroup"),
+            )
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        if isinstance(gone_or_denied(exc), ProcessGone):
+            return None
+        raise
+
+
+def _read_at(dfd: int, name: str) -> bytes:
+    """The whole file `name` under directory fd `dfd`, without the io module's layers."""
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _readlink_at(dfd: int, name: str) -> str:
+    return os.readlink(name, dir_fd=dfd)
+
+
+def _optional(read: Callable[[int, str], T], dfd: int, name: str) -> T | None:
+    try:
+        return read(dfd, name)
+    except OSError as exc:
+        if exc.errno in GONE or exc.errno in DENIED:
+            return None
+        raise
 
 
 def single_threaded() -> bool:

@@ -11,8 +11,8 @@ other, and the helpers send back what they found with marshal.
 A `Walk` forks its helpers as soon as it is made, before anyone knows which
 sockets are wanted: the `portwatch` command makes one before its own
 start-up (imports, argument parsing, the socket dump: a quarter of a run),
-and the helpers walk meanwhile. So they send back every socket they saw,
-and `finish` keeps the wanted ones. Like `ss -p` and psutil, this walks the
+and the helpers walk meanwhile, noting every socket they see; `finish`
+then tells them which ones are wanted. Like `ss -p` and psutil, this walks the
 processes before the sockets are listed: a socket opened in between by a
 process already walked is listed without its owner.
 
@@ -27,11 +27,19 @@ import os
 import struct
 from itertools import chain
 
-from portwatch.procfd import AccessDenied, ProcessGone, list_pids, single_threaded, socket_fds
+from portwatch.procfd import (
+    AccessDenied,
+    ProcessFiles,
+    ProcessGone,
+    list_pids,
+    process_files,
+    single_threaded,
+    socket_fds,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping
 
     from portwatch.model import Process
     from portwatch.proc import ProcFS
@@ -50,13 +58,7 @@ class WalkResult:
     def __init__(self) -> None:
         self.holders: dict[int, set[int]] = {}  # inode -> pids
         self.denied: set[int] = set()
-        self.processes: dict[int, Process] = {}  # the holders' details, filled by Walk.finish
-
-    def add(self, holders: dict[int, list[int]], denied: list[int]) -> None:
-        """Take in a helper's findings."""
-        for inode, pids in holders.items():
-            self.holders.setdefault(inode, set()).update(pids)
-        self.denied.update(denied)
+        self.processes: dict[int, Process] = {}  # the holders' details
 
 
 def walk_holders(root: str, inodes: set[int] | None, pids: Iterable[int]) -> WalkResult:
@@ -132,17 +134,19 @@ class Walk:
                 result = walk_holders(self.root, inodes, chain(_take(queue), started))
             finally:
                 os.close(queue)
+        result.processes = _details(procfs, _pids_in(result.holders))  # while the helpers read theirs
         answers = [helper.answer() for helper in helpers]
-        for answer in answers:
-            if answer is None:  # which pids a failed helper took is unknown: walk them all here
-                result = walk_holders(self.root, inodes, [*self._pids, *started])
-                break
-            result.add(*answer)
-        holder_pids = set().union(*result.holders.values()) if result.holders else set()
-        for pid in holder_pids:
-            info = procfs.process(pid)
-            if info is not None:
-                result.processes[pid] = info
+        received = [answer for answer in answers if answer is not None]
+        if len(received) < len(answers):  # which pids a failed helper took is unknown: walk them all here
+            result = walk_holders(self.root, inodes, [*self._pids, *started])
+            result.processes = _details(procfs, _pids_in(result.holders))
+            return result
+        for holders, denied, files in received:
+            for inode, pids in holders.items():
+                result.holders.setdefault(inode, set()).update(pids)
+            result.denied.update(denied)
+            for pid, read in files.items():
+                result.processes[pid] = procfs.process_from(pid, read)
         return result
 
     def abandon(self) -> None:
@@ -178,7 +182,12 @@ class Walk:
                 # Our own parent wrote it, through a pipe nobody else holds.
                 inodes = set(marshal.loads(_read_all(wanted_r)))  # noqa: S302
                 holders = {i: list(pids) for i, pids in found.holders.items() if i in inodes}
-                _write_all(answers_w, marshal.dumps((holders, list(found.denied))))
+                files = {}
+                for pid in _pids_in(holders):
+                    read = process_files(self.root, pid)
+                    if read is not None:
+                        files[pid] = read
+                _write_all(answers_w, marshal.dumps((holders, list(found.denied), files)))
                 code = 0
             finally:
                 os._exit(code)
@@ -197,8 +206,8 @@ class _Helper:
         self.wanted = wanted
         self.answers = answers
 
-    def answer(self) -> tuple[dict[int, list[int]], list[int]] | None:
-        """Its ({inode: pids}, denied pids), or None when it failed."""
+    def answer(self) -> tuple[dict[int, list[int]], list[int], dict[int, ProcessFiles]] | None:
+        """Its ({inode: pids}, denied pids, {holder pid: its files}), or None when it failed."""
         try:
             data = _read_all(self.answers)
         finally:
@@ -207,8 +216,21 @@ class _Helper:
         if status != 0:
             return None
         # Our own helper wrote it, through a pipe nobody else holds.
-        holders, denied = marshal.loads(data)  # noqa: S302
-        return holders, denied
+        holders, denied, files = marshal.loads(data)  # noqa: S302
+        return holders, denied, files
+
+
+def _pids_in(holders: Mapping[int, Iterable[int]]) -> set[int]:
+    return set().union(*holders.values())
+
+
+def _details(procfs: ProcFS, pids: Iterable[int]) -> dict[int, Process]:
+    found = {}
+    for pid in pids:
+        info = procfs.process(pid)
+        if info is not None:
+            found[pid] = info
+    return found
 
 
 def _read_all(fd: int) -> bytes:
