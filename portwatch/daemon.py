@@ -20,7 +20,8 @@ from typing import Any
 
 from portwatch.config import DEFAULT_PATH, Config, ConfigError, load_config
 from portwatch.events import change_event, describe, violation_event
-from portwatch.hooks import HookRunner, drop_ambient_capabilities
+from portwatch.hooks import HookRunner
+from portwatch.libc import drop_ambient_capabilities, release_free_heap
 from portwatch.log import EventLog, choose_format
 from portwatch.model import Listener, Snapshot
 from portwatch.notify import Notifier
@@ -235,6 +236,8 @@ class Daemon:
             table.sockets, complete=table.complete, hint_pids=hints, on_progress=self._ping_watchdog,
             early=early,
         )
+        if self.tracker.last.full_walk:  # its transient dicts leave freed heap pages resident
+            release_free_heap()
         if table.errors:
             self.emit("scan_failed", {"error": "; ".join(table.errors), "partial": True})
         previous = self.snapshot

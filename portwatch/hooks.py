@@ -32,7 +32,6 @@ Outcomes are reported through `emit` as `hook_finished`, `hook_failed`,
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import math
@@ -51,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from portwatch.libc import drop_ambient_capabilities, punch_hole
 from portwatch.text import decode, encode
 
 Emit = Callable[[str, dict[str, Any]], None]
@@ -99,39 +99,6 @@ _SETPRIV_ARGS = (
     "--no-new-privs",
     "--",
 )
-
-_PR_CAP_AMBIENT = 47
-_PR_CAP_AMBIENT_CLEAR_ALL = 4
-_FALLOC_FL_KEEP_SIZE = 1
-_FALLOC_FL_PUNCH_HOLE = 2
-
-
-def _libc_function(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Any:
-    """A libc function with its argument types set once, or None where there is none."""
-    try:
-        function = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = list(argtypes)
-    function.restype = ctypes.c_int
-    return function
-
-
-_PRCTL = _libc_function("prctl", ctypes.c_int, *[ctypes.c_ulong] * 4)
-_FALLOCATE = _libc_function(
-    "fallocate64", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64
-)
-
-
-def drop_ambient_capabilities() -> None:
-    """Clear the calling thread's ambient capabilities so children start without any.
-
-    Capabilities are per thread: call it in every thread that spawns. A quiet
-    no-op where the kernel has no ambient set (before 4.3) or libc is missing.
-    """
-    if _PRCTL is not None:
-        _PRCTL(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-
 
 def hook_environment(event: Mapping[str, Any], base: Mapping[str, str]) -> dict[str, str]:
     """`base` without systemd's per-service variables, plus the PORTWATCH_* values.
@@ -542,15 +509,12 @@ def _trim(out: IO[bytes]) -> bool:
     Punching a hole keeps the size and the offset the hook writes at, so the
     tail stays readable; where the filesystem cannot, the file just grows.
     """
-    if _FALLOCATE is None:
-        return False
     fd = out.fileno()
     st = os.fstat(fd)
     end = (st.st_size - _DISK_KEEP) & ~0xFFFF
     if st.st_blocks * 512 <= _DISK_LIMIT or end <= 0:
         return False
-    done: int = _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, end)
-    return done == 0
+    return punch_hole(fd, end)
 
 
 def _tail(out: IO[bytes]) -> str:

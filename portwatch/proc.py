@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import pwd
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 
 from portwatch.model import Process, Proto, Socket
 from portwatch.procfd import (
@@ -135,9 +135,9 @@ class ProcFS:
         """A directory fd on /proc/<pid>/fd: see procfd.open_fd_dir."""
         return open_fd_dir(self.root, pid)
 
-    def socket_fds_at(self, dfd: int) -> dict[int, int]:
+    def socket_fds_at(self, dfd: int, wanted: Container[int] | None = None) -> dict[int, int]:
         """{fd: socket inode} through a directory fd from `open_fd_dir`: see procfd.socket_fds_at."""
-        found, links = socket_fds_at(dfd)
+        found, links = socket_fds_at(dfd, wanted)
         self.links_read += links
         return found
 

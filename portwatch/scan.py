@@ -424,7 +424,7 @@ class OwnerTracker:
         try:
             if opened:
                 dfd = self._open_dir(pid)
-            fds = self.procfs.socket_fds_at(dfd)
+            fds = self.procfs.socket_fds_at(dfd, listening)
         except ProcessGone:
             if opened and dfd >= 0:
                 os.close(dfd)
@@ -439,7 +439,7 @@ class OwnerTracker:
             return
         self._denied.discard(pid)
         self._weigh(pid, self.procfs.links_read - links_before)
-        mine = {_fd_name(fd): inode for fd, inode in fds.items() if inode in listening}
+        mine = {_fd_name(fd): inode for fd, inode in fds.items()}
         if not mine:
             if opened:
                 os.close(dfd)

@@ -67,15 +67,14 @@ def walk_holders(root: str, inodes: set[int] | None, pids: Iterable[int]) -> Wal
     holders = result.holders
     for pid in pids:
         try:
-            fds, _ = socket_fds(root, pid)
+            fds, _ = socket_fds(root, pid, inodes)
         except ProcessGone:
             continue
         except AccessDenied:
             result.denied.add(pid)
             continue
         for inode in fds.values():
-            if inodes is None or inode in inodes:
-                holders.setdefault(inode, set()).add(pid)
+            holders.setdefault(inode, set()).add(pid)
     return result
 
 
