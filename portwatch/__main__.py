@@ -19,10 +19,19 @@ if TYPE_CHECKING:
 
 
 def console() -> NoReturn:
-    walk = Walk(DEFAULT_ROOT) if sys.argv[1:2] in (["list"], ["who"]) else None
+    walk = _early_walk()
     from portwatch.cli import console as cli_console  # noqa: PLC0415 (after the walk has begun)
 
     cli_console(walk)
+
+
+def _early_walk() -> Walk | None:
+    if sys.argv[1:2] not in (["list"], ["who"]):
+        return None
+    try:
+        return Walk(DEFAULT_ROOT)
+    except OSError:
+        return None  # no /proc to walk: the CLI will say so
 
 
 if __name__ == "__main__":

@@ -202,6 +202,11 @@ def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
     except (ProcParseError, SockDiagUnavailable) as exc:
         sys.stderr.write(f"portwatch: {exc}\n")
         return ExitStatus.DATA_ERROR
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise  # the reader left: _main ends quietly
+        sys.stderr.write(f"portwatch: cannot read {exc.filename or args.proc}: {exc.strerror or exc}\n")
+        return ExitStatus.DATA_ERROR
     finally:
         if gc_was_enabled:
             gc.enable()

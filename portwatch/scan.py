@@ -6,16 +6,16 @@ Two ways to find holders:
 - `OwnerTracker` is the daemon's: it remembers which (pid, fd) held which
   listening inode and re-checks those (one readlink each, through a
   directory fd kept open per holder: every fd of a holder once per
-  RECHECK_TICKS updates, one fd of it, enough to see it exit, at the
-  others), reads the fds of processes
-  that are new since the last tick, and searches the others only when an
-  inode appears that none of that explains: recently started processes
-  first, then those of the socket's uid, stopping as soon as every new inode
-  is found. Inodes no process holds are remembered, so they do not cause a
-  search every tick. A slow rotation over all processes (each once per 60
-  updates) catches a socket handed to a process that already existed
-  (SCM_RIGHTS) while its sender keeps it too, and refreshes cached process
-  details (a holder renaming itself).
+  RECHECK_TICKS updates, and at the others one fd, enough to see an exit),
+  reads the fds of processes that are new since the last tick, and
+  searches the others only when an inode appears that none of that
+  explains: recently started processes first, then those of the socket's
+  uid, stopping as soon as every new inode is found. Inodes no process
+  holds are remembered, so they do not cause a search every tick. A slow
+  rotation over all processes (each once per 60 updates) catches a socket
+  handed to a process that already existed (SCM_RIGHTS) while its sender
+  keeps it too, and refreshes cached process details (a holder renaming
+  itself).
 """
 
 from __future__ import annotations

@@ -133,6 +133,12 @@ def test_who_usage_errors(bad: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_an_unreadable_proc_root_is_one_line() -> None:
+    result = run_cli("--proc", "/nonexistent-proc", "list")
+    assert result.returncode == 65
+    assert result.stderr == "portwatch: cannot read /nonexistent-proc: No such file or directory\n"
+
+
 def test_usage_errors_are_one_line() -> None:
     """Unknown commands and options give one line and exit 2."""
     for args in (("frobnicate",), ("list", "--tcp", "--udp"), ("list", "--bogus"), ()):
