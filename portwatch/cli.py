@@ -7,7 +7,6 @@ the installed command and `python -m portwatch`: `main` plus a quick exit.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import sys
@@ -40,6 +39,7 @@ class ExitStatus(IntEnum):
     NOT_FOUND = 1  # `who`: nothing listens on that port
     USAGE = 2  # bad arguments (argparse's convention)
     DATA_ERROR = 65  # EX_DATAERR: a /proc table we could not parse or read
+    IO_ERROR = 74  # EX_IOERR: the output could not be written
     CONFIG_ERROR = 78  # EX_CONFIG: the unit sets RestartPreventExitStatus=78
 
 
@@ -161,8 +161,12 @@ def console(walk: Walk | None = None) -> NoReturn:
     if args.command == "run":
         sys.exit(status)
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BrokenPipeError, ValueError):  # reader gone, or stream closed
+        try:
             stream.flush()
+        except (BrokenPipeError, ValueError):  # reader gone, or stream closed
+            pass
+        except OSError as exc:
+            status = _os_error(exc)
     os._exit(status)
 
 
@@ -180,6 +184,17 @@ def _main(args: argparse.Namespace, walk: Walk | None = None) -> int:
         return ExitStatus.OK
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        return _os_error(exc)
+
+
+def _os_error(exc: OSError) -> int:
+    """One line for what could not be read (/proc) or written (the output: a full disk)."""
+    if exc.filename is None:
+        sys.stderr.write(f"portwatch: cannot write the output: {exc.strerror or exc}\n")
+        return ExitStatus.IO_ERROR
+    sys.stderr.write(f"portwatch: cannot read {exc.filename}: {exc.strerror or exc}\n")
+    return ExitStatus.DATA_ERROR
 
 
 def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
@@ -201,11 +216,6 @@ def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
         return _listeners(args, procfs, lister, walk)
     except (ProcParseError, SockDiagUnavailable) as exc:
         sys.stderr.write(f"portwatch: {exc}\n")
-        return ExitStatus.DATA_ERROR
-    except OSError as exc:
-        if isinstance(exc, BrokenPipeError):
-            raise  # the reader left: _main ends quietly
-        sys.stderr.write(f"portwatch: cannot read {exc.filename or args.proc}: {exc.strerror or exc}\n")
         return ExitStatus.DATA_ERROR
     finally:
         if gc_was_enabled:

@@ -68,8 +68,9 @@ def socket_fds(root: str, pid: int, wanted: Container[int] | None = None) -> tup
 def socket_fds_at(dfd: int, wanted: Container[int] | None = None) -> tuple[dict[int, int], int]:
     """({fd: socket inode}, fd links read) through a directory fd from `open_fd_dir`.
 
-    `wanted`: keep only these inodes (a process with 50,000 connections
-    then costs no 50,000-entry dict). Raises ProcessGone or AccessDenied.
+    `wanted`: keep only these inodes (the daemon then builds no 50,000-entry
+    dict for a process with 50,000 connections; an early walk's helpers
+    cannot, not knowing them yet). Raises ProcessGone or AccessDenied.
     This loop runs once per open fd on
     the host, so it is kept tight: one readlink per fd, relative to the
     directory fd (no path walk per fd), on bytes (a str name and target
@@ -129,12 +130,17 @@ def _read_at(dfd: int, name: str) -> bytes:
     """The whole file `name` under directory fd `dfd`, without the io module's layers."""
     fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
     try:
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_all(fd)
     finally:
         os.close(fd)
+
+
+def read_all(fd: int) -> bytes:
+    """Everything left to read from `fd` (a file, or a pipe until its writers close it)."""
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _readlink_at(dfd: int, name: str) -> str:

@@ -88,7 +88,11 @@ def full_scan(
     """
     if walk is None:
         walk = Walk(procfs.root, workers=workers)
-    table = lister.list(protocols, families)
+    try:
+        table = lister.list(protocols, families)
+    except BaseException:
+        walk.abandon()  # its helpers are already walking
+        raise
     found = walk.finish(procfs, {s.inode for s in table.sockets if s.inode})
     return build_snapshot(
         table.sockets,
@@ -205,6 +209,7 @@ class OwnerTracker:
         self._last_sockets: list[Socket] = []
         self._last_listening: set[int] = set()
         self._tick = 0
+        self._rechecks = 0  # regular updates only: early ones skip the re-check, so they must not skip turns
         self._dir_fds = 0
         self._dir_fd_cap: int | None = None  # lowered once the process ran out of fds
         self.last = TickStats()
@@ -347,7 +352,8 @@ class OwnerTracker:
         process, so every readlink through it fails once the process is gone.
         """
         stale_fds = self.procfs.stale_fds
-        turn = self._tick % RECHECK_TICKS
+        self._rechecks += 1
+        turn = self._rechecks % RECHECK_TICKS
         for pid, holder in list(self._holders.items()):
             links = holder.links
             if pid % RECHECK_TICKS != turn and len(links) > 1:

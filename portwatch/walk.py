@@ -13,8 +13,9 @@ sockets are wanted: the `portwatch` command makes one before its own
 start-up (imports, argument parsing, the socket dump: a quarter of a run),
 and the helpers walk meanwhile, noting every socket they see; `finish`
 then tells them which ones are wanted. Like `ss -p` and psutil, this walks the
-processes before the sockets are listed: a socket opened in between by a
-process already walked is listed without its owner.
+processes before the sockets are listed, so a process already walked that
+opens a socket in between (some 30 ms) is not named as its owner, and one
+that closes its copy in between still is.
 
 Imports nothing heavy, for the same reason as portwatch.procfd.
 """
@@ -33,6 +34,7 @@ from portwatch.procfd import (
     ProcessGone,
     list_pids,
     process_files,
+    read_all,
     single_threaded,
     socket_fds,
 )
@@ -115,26 +117,25 @@ class Walk:
         made (a worker forked with a listener), then merges their answers.
         """
         started = set(list_pids(self.root)).difference(self._pids) if self._every else set()
-        queue, self._queue = self._queue, None
-        helpers, self._helpers = self._helpers, []
-        wanted = marshal.dumps(list(inodes))
-        for helper in helpers:
-            # Blocks only if the pipe is smaller than `wanted`, until that helper has walked
-            # what it can: slower then, never stuck.
-            try:  # noqa: SIM105 (contextlib would cost the early start 4 ms)
-                _write_all(helper.wanted, wanted)
-            except OSError:
-                pass  # it failed: its answer will say so
-            os.close(helper.wanted)
-        if queue is None:
-            result = walk_holders(self.root, inodes, [*self._pids, *started])
-        else:
-            try:
-                result = walk_holders(self.root, inodes, chain(_take(queue), started))
-            finally:
-                os.close(queue)
-        result.processes = _details(procfs, _pids_in(result.holders))  # while the helpers read theirs
-        answers = [helper.answer() for helper in helpers]
+        started.difference_update(h.pid for h in self._helpers)  # they hold copies of our fds
+        try:
+            wanted = marshal.dumps(list(inodes))
+            for helper in self._helpers:
+                helper.tell(wanted)
+            queue, self._queue = self._queue, None
+            if queue is None:
+                result = walk_holders(self.root, inodes, [*self._pids, *started])
+            else:
+                try:
+                    result = walk_holders(self.root, inodes, chain(_take(queue), started))
+                finally:
+                    os.close(queue)
+            result.processes = _details(procfs, _pids_in(result.holders))  # while the helpers read theirs
+            answers = [helper.answer() for helper in self._helpers]
+            self._helpers = []
+        except BaseException:
+            self.abandon()  # none of them outlives an error here (an interrupt, an fd limit)
+            raise
         received = [answer for answer in answers if answer is not None]
         if len(received) < len(answers):  # which pids a failed helper took is unknown: walk them all here
             result = walk_holders(self.root, inodes, [*self._pids, *started])
@@ -155,31 +156,27 @@ class Walk:
             self._queue = None
         helpers, self._helpers = self._helpers, []
         for helper in helpers:
-            os.kill(helper.pid, 9)  # SIGKILL, without importing signal (an enum module) for it
-            os.close(helper.wanted)
-            os.close(helper.answers)
-            os.waitpid(helper.pid, 0)
+            helper.stop()
 
     def _fork_helper(self, queue: int) -> _Helper:
         wanted_r, wanted_w = os.pipe2(os.O_CLOEXEC)
-        answers_r, answers_w = os.pipe2(os.O_CLOEXEC)
+        opened = [wanted_r, wanted_w]
         try:
+            answers_r, answers_w = os.pipe2(os.O_CLOEXEC)
+            opened += (answers_r, answers_w)
             pid = os.fork()
         except OSError:
-            for fd in (wanted_r, wanted_w, answers_r, answers_w):
+            for fd in opened:
                 os.close(fd)
             raise
         if pid == 0:  # the helper: walk, send, and leave without running any of the parent's cleanup
             code = 1
             try:
-                os.close(wanted_w)
-                os.close(answers_r)
-                for earlier in self._helpers:  # so their pipes see EOF when the parent closes them
-                    os.close(earlier.wanted)
-                    os.close(earlier.answers)
+                for fd in (wanted_w, answers_r, *_PARENT_ENDS):  # so every pipe sees EOF when it should
+                    os.close(fd)
                 found = walk_holders(self.root, None, _take(queue))
                 # Our own parent wrote it, through a pipe nobody else holds.
-                inodes = set(marshal.loads(_read_all(wanted_r)))  # noqa: S302
+                inodes = set(marshal.loads(read_all(wanted_r)))  # noqa: S302
                 holders = {i: list(pids) for i, pids in found.holders.items() if i in inodes}
                 files = {}
                 for pid in _pids_in(holders):
@@ -195,28 +192,65 @@ class Walk:
         return _Helper(pid, wanted_w, answers_r)
 
 
+# This process's ends of the pipes of every helper not yet reaped (of any Walk): a helper forked
+# later closes them, or a helper of one Walk would keep another's pipe open and it would never
+# see end-of-file.
+_PARENT_ENDS: set[int] = set()
+
+
 class _Helper:
     """A forked helper: its pid, where to tell it the wanted inodes, where it answers."""
 
     __slots__ = ("answers", "pid", "wanted")
 
     def __init__(self, pid: int, wanted: int, answers: int) -> None:
-        self.pid = pid
-        self.wanted = wanted
+        self.pid = pid  # -1 once reaped
+        self.wanted = wanted  # -1 once closed, as answers
         self.answers = answers
+        _PARENT_ENDS.update((wanted, answers))
+
+    def tell(self, wanted: bytes) -> None:
+        """Send the wanted inodes and end-of-file.
+
+        Blocks only if the pipe is smaller than `wanted`, until the helper has
+        walked what it can: slower then, never stuck.
+        """
+        try:  # noqa: SIM105 (contextlib would cost the early start 4 ms)
+            _write_all(self.wanted, wanted)
+        except OSError:
+            pass  # it failed: its answer will say so
+        self.wanted = _close(self.wanted)
 
     def answer(self) -> tuple[dict[int, list[int]], list[int], dict[int, ProcessFiles]] | None:
-        """Its ({inode: pids}, denied pids, {holder pid: its files}), or None when it failed."""
-        try:
-            data = _read_all(self.answers)
-        finally:
-            os.close(self.answers)
-            _, status = os.waitpid(self.pid, 0)
+        """Its ({inode: pids}, denied pids, {holder pid: its files}), or None when it failed.
+
+        Should reading fail (an interrupt), the helper is left to `stop`.
+        """
+        data = read_all(self.answers)
+        self.answers = _close(self.answers)
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = -1
         if status != 0:
             return None
         # Our own helper wrote it, through a pipe nobody else holds.
         holders, denied, files = marshal.loads(data)  # noqa: S302
         return holders, denied, files
+
+    def stop(self) -> None:
+        """Kill it (ours, by pid) and reap it, and close our ends of its pipes."""
+        if self.pid > 0:
+            os.kill(self.pid, 9)  # SIGKILL, without importing signal (an enum module) for it
+            os.waitpid(self.pid, 0)
+            self.pid = -1
+        self.wanted = _close(self.wanted)
+        self.answers = _close(self.answers)
+
+
+def _close(fd: int) -> int:
+    if fd >= 0:
+        os.close(fd)
+        _PARENT_ENDS.discard(fd)
+    return -1
 
 
 def _pids_in(holders: Mapping[int, Iterable[int]]) -> set[int]:
@@ -230,13 +264,6 @@ def _details(procfs: ProcFS, pids: Iterable[int]) -> dict[int, Process]:
         if info is not None:
             found[pid] = info
     return found
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -139,6 +139,17 @@ def test_an_unreadable_proc_root_is_one_line() -> None:
     assert result.stderr == "portwatch: cannot read /nonexistent-proc: No such file or directory\n"
 
 
+@pytest.mark.parametrize("args", [["list"], ["list", "--json"], ["check", "--config", "etc/portwatch.yaml"]])
+def test_a_full_disk_is_one_line(args: list[str]) -> None:
+    """The output cannot be written (/dev/full: ENOSPC): one line on stderr, exit 74."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "portwatch", *args], stdout=full, stderr=subprocess.PIPE,
+                                text=True, cwd=ROOT, timeout=60, check=False)
+    assert result.returncode == 74
+    assert result.stderr.splitlines()[-1] == "portwatch: cannot write the output: No space left on device"
+    assert "Traceback" not in result.stderr
+
+
 def test_usage_errors_are_one_line() -> None:
     """Unknown commands and options give one line and exit 2."""
     for args in (("frobnicate",), ("list", "--tcp", "--udp"), ("list", "--bogus"), ()):

@@ -178,11 +178,12 @@ import json, os, signal, socket, sys
 socks = []
 for _ in range(3):
     s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8); socks.append(s)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # kept pending for sigwait: none is lost
 worker = os.fork()
 if worker == 0:
-    signal.signal(signal.SIGUSR1, lambda *_: None)
-    signal.pause(); socks[2].close(); print("closed", flush=True)
-    signal.pause(); os._exit(0)
+    signal.sigwait({signal.SIGUSR1}); socks[2].close(); print("closed", flush=True)
+    signal.sigwait({signal.SIGUSR1}); os._exit(0)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 print(json.dumps({"pid": os.getpid(), "worker": worker,
                   "inodes": [os.fstat(s.fileno()).st_ino for s in socks]}), flush=True)
 sys.stdin.read()
@@ -190,20 +191,20 @@ os.kill(worker, signal.SIGKILL)
 """
 
 
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
-
-
-def test_a_holder_closing_one_fd_or_exiting() -> None:
+@pytest.mark.parametrize("early", [False, True])
+def test_a_holder_closing_one_fd_or_exiting(early: bool) -> None:
     """A worker that closes its copy of one listener and keeps running is dropped from that
-    listener's holders within RECHECK_TICKS updates; when it exits, at the very next update,
-    from every listener, though only one of its fds is re-read at most updates. (The rotation,
-    which would read the worker whole too, is kept out of the way: 600 updates.)"""
+    listener's holders within RECHECK_TICKS regular updates (also with early updates, which skip
+    the re-check, in between); when it exits, at the very next update, from every listener,
+    though only one of its fds is re-read at that update. (The rotation, which would read the
+    worker whole too, is kept out of the way: 600 updates.)"""
     tracker = OwnerTracker(ProcFS(), rotation_ticks=600)
+
+    def update(tracker: OwnerTracker, inodes: set[int]) -> Snapshot:
+        if early:
+            tracker.update(sockets_of(inodes), complete=True, early=True)
+        return tracker.update(sockets_of(inodes), complete=True)
+
     proc = subprocess.Popen([sys.executable, "-c", WORKER_STEPS], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -223,9 +224,11 @@ def test_a_holder_closing_one_fd_or_exiting() -> None:
         assert {i: pids_of(snap, i) for i in inodes - {closed}} == {i: {server, worker} for i in inodes - {closed}}
         for _ in range(RECHECK_TICKS):  # whichever turn comes next
             assert pids_of(update(tracker, inodes), closed) == {server}
+        while (tracker._rechecks + 1) % RECHECK_TICKS == worker % RECHECK_TICKS:
+            update(tracker, inodes)  # so that the next update re-reads one fd of the worker only
         os.kill(worker, signal.SIGUSR1)  # it exits (a zombie until the server reaps it)
         deadline = time.monotonic() + 5
-        while _state(worker) not in ("Z", None):  # a zombie has closed all its fds
+        while not zombie_or_gone(worker):  # a zombie has closed all its fds
             assert time.monotonic() < deadline
             time.sleep(0.01)
         snap = update(tracker, inodes)
