@@ -117,7 +117,7 @@ class Walk:
         made (a worker forked with a listener), then merges their answers.
         """
         started = set(list_pids(self.root)).difference(self._pids) if self._every else set()
-        started.difference_update(h.pid for h in self._helpers)  # they hold copies of our fds
+        started.difference_update(h.pid for h in _LIVE)  # helpers hold copies of our fds
         try:
             wanted = marshal.dumps(list(inodes))
             for helper in self._helpers:
@@ -172,8 +172,11 @@ class Walk:
         if pid == 0:  # the helper: walk, send, and leave without running any of the parent's cleanup
             code = 1
             try:
-                for fd in (wanted_w, answers_r, *_PARENT_ENDS):  # so every pipe sees EOF when it should
-                    os.close(fd)
+                os.close(wanted_w)
+                os.close(answers_r)
+                for other in _LIVE:  # so that their pipes see end-of-file when they should
+                    other.wanted = _close(other.wanted)
+                    other.answers = _close(other.answers)
                 found = walk_holders(self.root, None, _take(queue))
                 # Our own parent wrote it, through a pipe nobody else holds.
                 inodes = set(marshal.loads(read_all(wanted_r)))  # noqa: S302
@@ -192,10 +195,10 @@ class Walk:
         return _Helper(pid, wanted_w, answers_r)
 
 
-# This process's ends of the pipes of every helper not yet reaped (of any Walk): a helper forked
-# later closes them, or a helper of one Walk would keep another's pipe open and it would never
-# see end-of-file.
-_PARENT_ENDS: set[int] = set()
+# Every helper not yet reaped, of any Walk: a helper forked later closes this process's ends of
+# their pipes (or one Walk's helper would keep another's open, and it would never see
+# end-of-file), and none of them is taken for a process that started during a walk.
+_LIVE: set[_Helper] = set()
 
 
 class _Helper:
@@ -207,7 +210,7 @@ class _Helper:
         self.pid = pid  # -1 once reaped
         self.wanted = wanted  # -1 once closed, as answers
         self.answers = answers
-        _PARENT_ENDS.update((wanted, answers))
+        _LIVE.add(self)
 
     def tell(self, wanted: bytes) -> None:
         """Send the wanted inodes and end-of-file.
@@ -230,6 +233,7 @@ class _Helper:
         self.answers = _close(self.answers)
         _, status = os.waitpid(self.pid, 0)
         self.pid = -1
+        _LIVE.discard(self)
         if status != 0:
             return None
         # Our own helper wrote it, through a pipe nobody else holds.
@@ -242,6 +246,7 @@ class _Helper:
             os.kill(self.pid, 9)  # SIGKILL, without importing signal (an enum module) for it
             os.waitpid(self.pid, 0)
             self.pid = -1
+        _LIVE.discard(self)
         self.wanted = _close(self.wanted)
         self.answers = _close(self.answers)
 
@@ -249,7 +254,6 @@ class _Helper:
 def _close(fd: int) -> int:
     if fd >= 0:
         os.close(fd)
-        _PARENT_ENDS.discard(fd)
     return -1
 
 
