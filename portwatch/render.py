@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from portwatch.model import Listener, Process, Socket
-from portwatch.text import escape
+from portwatch.text import escape, is_plain
 
 
 def endpoint(sock: Socket) -> str:
@@ -128,7 +128,6 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], *, width: int |
 
 
 def _escaped(row: Sequence[str]) -> list[str]:
-    whole = "".join(row)
-    if whole.isascii() and whole.isprintable() and "\\" not in whole:
+    if is_plain("".join(row)):
         return list(row)  # nothing to escape in any cell: one check instead of one per cell
     return [escape(c) for c in row]
