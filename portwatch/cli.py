@@ -2,6 +2,9 @@
 
 `main(argv) -> exit status`; nothing below it calls sys.exit. `console` is
 the installed command and `python -m portwatch`: `main` plus a quick exit.
+A view built from a socket table it could not read prints what it has, names
+each unread table on stderr and exits 65: it never answers "nothing" about a
+table it has not seen.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from enum import IntEnum
 from typing import Any, NoReturn, TextIO
 
 from portwatch import __version__
-from portwatch.model import Listener, Proto, Snapshot
+from portwatch.access import advice
+from portwatch.model import Proto
 from portwatch.proc import ProcFS
 from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import ProcParseError
@@ -43,11 +47,21 @@ class ExitStatus(IntEnum):
     CONFIG_ERROR = 78  # EX_CONFIG: the unit sets RestartPreventExitStatus=78
 
 
-PRIVILEGE_HINT = (
-    "portwatch: the owners of some sockets could not be identified "
-    "({denied} processes could not be inspected); run as root, or grant "
-    "CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH"
-)
+DESCRIPTION = """\
+Which processes hold which listening ports (every holder of a shared socket),
+and an alarm when a reserved port is taken by a process that may not hold it.
+
+examples:
+  portwatch list --tcp        every TCP listener with every process holding it
+  portwatch who 80            who holds TCP port 80 (exit status 1 when nobody does)
+  portwatch ps --json         every process with the ports it listens on, as JSON
+  portwatch check --config /etc/portwatch.yaml
+  portwatch run --config /etc/portwatch.yaml
+
+Run as root (or with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH) to name the owner
+of every socket. Exit status: 0 ok, 1 `who` found nothing, 2 usage error,
+65 /proc or a socket table could not be read, 74 the output could not be
+written, 78 invalid config."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,8 +73,8 @@ class _Parser(argparse.ArgumentParser):
 
     def _get_formatter(self) -> argparse.HelpFormatter:
         # argparse makes one for every add_argument, and its own asks shutil for the width:
-        # importing shutil is 3 ms of `portwatch list`'s start.
-        return argparse.HelpFormatter(prog=self.prog, width=terminal_columns() - 2)
+        # importing shutil is 3 ms of `portwatch list`'s start. Raw: descriptions hold examples.
+        return argparse.RawDescriptionHelpFormatter(prog=self.prog, width=terminal_columns() - 2)
 
 
 def terminal_columns() -> int:
@@ -84,13 +98,16 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="portwatch", description=__doc__)
+    parser = _Parser(prog="portwatch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"portwatch {__version__}")
     parser.add_argument("--proc", default="/proc", help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, title="commands")
 
-    def view(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def command(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=f"{help_text}\n\nexample:\n  {example}")
+
+    def view(name: str, help_text: str, example: str) -> argparse.ArgumentParser:
+        p = command(name, help_text, example)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.add_argument(
             "--source",
@@ -101,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    p_list = view("list", "every listening socket with every process holding it")
+    p_list = view(
+        "list", "every listening socket with every process holding it", "portwatch list --udp -6"
+    )
     proto = p_list.add_mutually_exclusive_group()
     proto.add_argument("--tcp", action="store_true", help="TCP listeners only")
     proto.add_argument("--udp", action="store_true", help="UDP sockets only")
@@ -109,16 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("-4", dest="ipv4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", dest="ipv6", action="store_true", help="IPv6 only")
 
-    p_who = view("who", "every process holding a listener on PORT (exit 1 when none)")
-    p_who.add_argument("port", type=_port, metavar="PORT")
+    p_who = view(
+        "who", "every process holding a listener on PORT (exit status 1 when none)", "portwatch who 22"
+    )
+    p_who.add_argument("port", type=_port, metavar="PORT", help="a port number, 1-65535")
     p_who.add_argument("--udp", action="store_true", help="UDP instead of TCP")
 
-    view("ps", "every process with the ports it listens on")
+    view("ps", "every process with the ports it listens on", "portwatch ps --json")
 
-    p_check = sub.add_parser("check", help="validate the config file and exit")
+    p_check = command(
+        "check", "validate the config file: ok, or one PATH:LINE: problem line each (exit status 78)",
+        "portwatch check --config /etc/portwatch.yaml",
+    )
     p_check.add_argument("--config", default=None, help="config file (default /etc/portwatch.yaml)")
 
-    p_run = sub.add_parser("run", help="watch listening sockets and enforce reserved ports")
+    p_run = command(
+        "run", "watch listening sockets and enforce reserved ports (the systemd service)",
+        "portwatch run --config etc/portwatch.yaml --log-format console",
+    )
     p_run.add_argument("--config", default=None, help="config file (default /etc/portwatch.yaml)")
     p_run.add_argument(
         "--log-format",
@@ -246,18 +273,22 @@ def _selection(args: argparse.Namespace) -> tuple[tuple[Proto, ...], tuple[int, 
 
 def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, walk: Walk | None) -> int:
     protocols, families = _selection(args)
-    snap = full_scan(procfs, lister, protocols, families, walk=walk)
+    snap, unread = full_scan(procfs, lister, protocols, families, walk=walk)
     listeners = snap.sorted()
     if args.command == "who":
         listeners = [x for x in listeners if x.socket.port == args.port]
     _warn_fallback(lister)
-    _warn_unseen(snap, listeners)
+    _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
     if args.json:
         _print_json([listener_json(x) for x in listeners])
     elif listeners or args.command == "list":
         users = {x.socket.uid: procfs.user_name(x.socket.uid) for x in listeners}
         _print_table(LISTENER_HEADERS, listener_rows(listeners, users))
+    if unread:
+        return _incomplete(unread)
     if args.command == "who" and not listeners:
+        proto = "udp" if args.udp else "tcp"
+        sys.stderr.write(f"portwatch: nothing listens on {proto} port {args.port}\n")
         return ExitStatus.NOT_FOUND
     return ExitStatus.OK
 
@@ -284,13 +315,12 @@ def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
             entry.sockets = sorted((by_inode[i] for i in held), key=lambda s: (s.proto, s.port))
         entries.append(entry)
     _warn_fallback(lister)
-    if denied:
-        sys.stderr.write(PRIVILEGE_HINT.format(denied=denied) + "\n")
+    _warn_unseen(procfs, denied, True)
     if args.json:
         _print_json([process_ports_json(e) for e in entries])
     else:
         _print_table(PROCESS_HEADERS, process_rows(entries))
-    return ExitStatus.OK
+    return _incomplete(table_read.errors) if table_read.errors else ExitStatus.OK
 
 
 def _warn_fallback(lister: SocketLister) -> None:
@@ -298,9 +328,21 @@ def _warn_fallback(lister: SocketLister) -> None:
         sys.stderr.write(f"portwatch: netlink unavailable ({lister.fallback_reason}); read /proc/net\n")
 
 
-def _warn_unseen(snap: Snapshot, shown: list[Listener]) -> None:
-    if snap.denied_pids and any(not x.processes for x in shown):
-        sys.stderr.write(PRIVILEGE_HINT.format(denied=snap.denied_pids) + "\n")
+def _warn_unseen(procfs: ProcFS, denied: int, matters: bool) -> None:
+    """One line saying why some owners are unknown, and what would fix it."""
+    if denied and matters:
+        what = "process" if denied == 1 else "processes"
+        sys.stderr.write(
+            f"portwatch: the owners of some sockets could not be identified ({denied} {what} could "
+            f"not be inspected): {advice(procfs.own_capabilities(), os.geteuid())}\n"
+        )
+
+
+def _incomplete(unread: list[str]) -> int:
+    """Name each socket table that could not be read: the answer above lacks its sockets."""
+    for error in unread:
+        sys.stderr.write(f"portwatch: cannot read {error}; the answer above lacks its sockets\n")
+    return ExitStatus.DATA_ERROR
 
 
 def _print_json(data: Any, out: TextIO | None = None) -> None:

@@ -16,10 +16,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
+from portwatch.access import advice
 from portwatch.config import DEFAULT_PATH, Config, ConfigError, load_config
-from portwatch.events import change_event, describe, violation_event
+from portwatch.events import change_event, describe, status_line, violation_event
 from portwatch.hooks import HookRunner
 from portwatch.libc import drop_ambient_capabilities, release_free_heap
 from portwatch.log import EventLog, choose_format
@@ -44,6 +45,14 @@ EARLY_SCAN_WINDOW = 1.0
 # The state file is rewritten at most this often while things change (and at
 # stop); after a crash the changes since are found again by the startup diff.
 STATE_SAVE_EVERY = 5.0
+
+
+class _Scan(NamedTuple):
+    """What one scan gave: the snapshot (None when listing failed) and why it is not whole."""
+
+    snapshot: Snapshot | None
+    error: str | None
+    partial: bool = False
 
 
 class Daemon:
@@ -76,6 +85,7 @@ class Daemon:
         self._reload = False
         self._rejected = False  # the file on disk was refused; a valid one is news even if unchanged
         self._said: set[str] = set()  # degraded reasons already reported (once each)
+        self._failure: str | None = None  # the scan failure last reported, until a whole scan
         self.state = state
         self._state_dirty = False
         self._state_saved_at = 0.0
@@ -118,9 +128,9 @@ class Daemon:
         return 0
 
     def _start(self) -> None:
-        saved = self._load_state()
-        self.tick(first=True, saved=saved)
-        self._save_state(force=True)  # the baseline, so a SIGKILL before any change loses nothing
+        """The first scan, then `portwatch_started`, then what the first scan found."""
+        saved, state_event = self._load_state()
+        scan = self._scan(first=True)
         snap = self.snapshot or Snapshot({})
         self.emit(
             "portwatch_started",
@@ -138,7 +148,18 @@ class Daemon:
                 "pid": os.getpid(),
             },
         )
+        if state_event is not None:
+            self.emit(*state_event)
+        self._say_scan_failure(scan)
+        if saved is not None:
+            self._report_changes(saved.snapshot, snap, while_down=True)
+            self._judge(snap.listeners.values(), at_startup=True, known=saved.taken)
+        else:
+            self._judge(snap.listeners.values(), at_startup=True)
+        self._save_state(force=True)  # the baseline, so a SIGKILL before any change loses nothing
         self._say_degraded(snap)
+        self._update_status()
+        self._next_watchdog = self._last_scan
         self.notifier.ready(self._status_text())
 
     def _loop(self, sel: selectors.BaseSelector, rfd: int) -> None:
@@ -208,29 +229,40 @@ class Daemon:
 
     # -- scanning --------------------------------------------------------------
 
-    def tick(self, *, first: bool = False, saved: SavedState | None = None, early: bool = False) -> None:
-        """One scan: list, resolve owners, diff, judge, report.
+    def tick(self, *, early: bool = False) -> None:
+        """One scan after the first: list, resolve owners, diff, judge, report.
 
-        The first scan is the baseline: it reports only squatters, unless a
-        saved state says what was there before a restart, in which case
-        what changed while portwatch was down is reported too. An early scan
-        (processes are starting) looks only at what they did; see
-        OwnerTracker.update.
+        An early scan (processes are starting) looks only at what they did;
+        see OwnerTracker.update.
+        """
+        previous = self.snapshot
+        scan = self._scan(early=early)
+        self._say_scan_failure(scan)
+        if scan.snapshot is not None:
+            if previous is None:  # the first scan failed: this is the baseline
+                self._judge(scan.snapshot.listeners.values(), at_startup=True)
+            else:
+                self._report_changes(previous, scan.snapshot)
+            self._say_degraded(scan.snapshot)
+        self._update_status()
+
+    def _scan(self, *, first: bool = False, early: bool = False) -> _Scan:
+        """List the sockets and resolve their owners into self.snapshot; say nothing yet.
+
+        A failed listing keeps the previous snapshot (nothing is closed by a
+        scan that saw nothing). At the first scan, a forced netlink source that
+        is refused raises SockDiagUnavailable: the daemon must not start.
         """
         self._last_scan = self.clock()
-        config = self.config
-        protocols = sorted(config.protocols)
+        protocols = sorted(self.config.protocols)
         try:
             table = self.lister.list(protocols, (4, 6))
         except SockDiagUnavailable:
-            if first:  # --source netlink where netlink is refused: say so once, do not start
+            if first:
                 raise
-            self.emit("scan_failed", {"error": "netlink became unavailable"})
-            return
+            return _Scan(None, "netlink became unavailable")
         except (ProcParseError, OSError) as exc:
-            # Nothing is closed on a failed scan: the previous snapshot stands.
-            self.emit("scan_failed", {"error": str(exc)})
-            return
+            return _Scan(None, str(exc))
         hints, self._hint_pids = self._hint_pids, set()
         snap = self.tracker.update(
             table.sockets, complete=table.complete, hint_pids=hints, on_progress=self._ping_watchdog,
@@ -238,23 +270,21 @@ class Daemon:
         )
         if self.tracker.last.full_walk:  # its transient dicts leave freed heap pages resident
             release_free_heap()
-        if table.errors:
-            self.emit("scan_failed", {"error": "; ".join(table.errors), "partial": True})
         previous = self.snapshot
         snap = self._drop_closed_meanwhile(previous, snap, protocols)
         self.snapshot = snap if previous is None else carry_forward(previous, snap)
-        if previous is None and saved is not None:
-            self._report_changes(saved.snapshot, snap, while_down=True)
-            self._judge(snap.listeners.values(), at_startup=True, known=saved.taken)
-        elif previous is None:
-            self._judge(snap.listeners.values(), at_startup=True)
-        else:
-            self._report_changes(previous, snap)
-        if not first:
-            self._say_degraded(snap)
-        self._update_status()
-        if first:
-            self._next_watchdog = self._last_scan
+        return _Scan(snap, "; ".join(table.errors) or None, partial=bool(table.errors))
+
+    def _say_scan_failure(self, scan: _Scan) -> None:
+        """scan_failed once for each new failure, scan_recovered when a whole scan follows."""
+        if scan.error is not None and scan.error != self._failure:
+            fields: dict[str, Any] = {"error": scan.error}
+            if scan.partial:
+                fields["partial"] = True
+            self.emit("scan_failed", fields)
+        elif scan.error is None and self._failure is not None:
+            self.emit("scan_recovered", {"error": self._failure})
+        self._failure = scan.error
 
     def _drop_closed_meanwhile(
         self, previous: Snapshot | None, snap: Snapshot, protocols: list[Any]
@@ -282,6 +312,7 @@ class Daemon:
         return Snapshot(kept, complete=snap.complete, denied_pids=snap.denied_pids)
 
     def _report_changes(self, previous: Snapshot, snap: Snapshot, *, while_down: bool = False) -> None:
+        """Each change as its event (closings first), then the new owners judged."""
         changed: list[Listener] = []
         for change in diff(previous, snap):
             self._state_dirty = True
@@ -338,34 +369,34 @@ class Daemon:
     def _say_degraded(self, snap: Snapshot) -> None:
         if snap.denied_pids and "denied" not in self._said:
             self._said.add("denied")
+            what = "process" if snap.denied_pids == 1 else "processes"
             self.emit(
                 "degraded",
                 {
-                    "reason": f"{snap.denied_pids} processes could not be inspected; the owners of "
+                    "reason": f"{snap.denied_pids} {what} could not be inspected; the owners of "
                     "their sockets are reported as unresolved=permission_denied, never as allowed",
-                    "missing": "CAP_SYS_PTRACE CAP_DAC_READ_SEARCH" if os.geteuid() != 0 else
-                    "access refused even to root (security module or another pid namespace)",
+                    "missing": advice(self.procfs.own_capabilities(), os.geteuid()),
                     "denied_pids": snap.denied_pids,
                 },
             )
 
     # -- state across restarts --------------------------------------------------
 
-    def _load_state(self) -> SavedState | None:
+    def _load_state(self) -> tuple[SavedState | None, tuple[str, dict[str, Any]] | None]:
+        """The saved state, and the event that says what became of it (emitted after start)."""
         if self.state is None:
-            return None
+            return None, None
         try:
             saved = self.state.load()
         except StateError as exc:
             # Reported and replaced at the next save; never fatal.
-            self.emit("state_reset", {"path": self.state.path, "error": str(exc)})
-            return None
-        if saved is not None:
-            self.emit("state_restored", {
-                "path": self.state.path, "saved_at": saved.saved_at,
-                "listeners": len(saved.snapshot.listeners),
-            })
-        return saved
+            return None, ("state_reset", {"path": self.state.path, "error": str(exc)})
+        if saved is None:
+            return None, None
+        return saved, ("state_restored", {
+            "path": self.state.path, "saved_at": saved.saved_at,
+            "listeners": len(saved.snapshot.listeners),
+        })
 
     def _save_state(self, *, force: bool = False) -> None:
         if self.state is None or self.snapshot is None:
@@ -395,10 +426,15 @@ class Daemon:
         self.notifier.reloading()
         path = self.config.path
         try:
-            new = load_config(path)
+            new, problems = load_config(path), None
         except ConfigError as exc:
+            new, problems = None, exc.problems
+        if not signal_requested and not self.watcher.matches():
+            self.notifier.ready(self._status_text())
+            return  # changed again while read (being rewritten): judged once it is complete
+        if new is None:
             self._rejected = True
-            self.emit("config_rejected", {"path": path, "error": "; ".join(exc.problems)})
+            self.emit("config_rejected", {"path": path, "error": "; ".join(problems or ())})
             self.notifier.ready(self._status_text())
             return
         if new == self.config and not signal_requested and not self._rejected:
@@ -423,10 +459,8 @@ class Daemon:
 
             self._proc_events = ProcConnector.open()
             self._proc_events_reason = None
-        except PermissionError:
-            self._proc_events_reason = "needs CAP_NET_ADMIN; polling every interval"
-        except (OSError, ImportError) as exc:
-            self._proc_events_reason = f"proc connector unavailable ({exc}); polling every interval"
+        except OSError as exc:  # the kernel's answer varies (privilege, namespaces): never fatal
+            self._proc_events_reason = f"{exc.strerror or exc}; polling every interval"
 
     def _on_proc_events(self) -> None:
         execs = []
@@ -456,11 +490,7 @@ class Daemon:
 
     def _status_text(self) -> str:
         snap = self.snapshot or Snapshot({})
-        when = datetime.now(UTC).strftime("%H:%M:%S UTC")
-        return (
-            f"watching {len(snap.listeners)} listeners, {len(self._taken)} reserved ports taken, "
-            f"last scan {when}"
-        )
+        return status_line(len(snap.listeners), len(self._taken), datetime.now(UTC).strftime("%H:%M:%S UTC"))
 
     def _update_status(self) -> None:
         text = self._status_text()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from portwatch.model import Listener, Process
+from portwatch.model import Listener, Process, endpoint
 from portwatch.policy import Violation
 from portwatch.snapshot import Change
 
 WARNING_EVENTS = frozenset({"reserved_port_taken", "config_rejected", "degraded", "hook_suppressed"})
 ERROR_EVENTS = frozenset({"hook_failed", "hook_dropped", "scan_failed", "state_reset"})
+# Every other event (scan_recovered, state_restored, ...) is at level info.
 
 
 def level_of(event: str) -> str:
@@ -77,47 +78,92 @@ def violation_event(violation: Violation, *, at_startup: bool) -> tuple[str, dic
 
 def describe(event: str, fields: dict[str, Any]) -> str:
     """A one-line sentence for a person (journal MESSAGE, console). Values are not escaped here."""
-    where = f"{fields.get('proto')}/{fields.get('address')}:{fields.get('port')}"
-    who = _who(fields)
+    get = fields.get
+    port = get("port")
+    where = f"{get('proto')}/{endpoint(str(get('address')), port if isinstance(port, int) else 0)}"
+    hook_for = f"hook {get('hook')} for rule {get('rule')} port {port}"
     if event == "reserved_port_taken":
-        if not fields.get("verified", True):
+        if not get("verified", True):
             return (
-                f"reserved port {where} (rule {fields.get('rule')}) is held by a process "
-                f"portwatch cannot identify ({fields.get('unresolved')})"
+                f"reserved port {where} (rule {get('rule')}) is held by a process "
+                f"portwatch cannot identify ({get('unresolved')})"
             )
-        return f"reserved port {where} (rule {fields.get('rule')}) taken by {who}"
+        return f"reserved port {where} (rule {get('rule')}) taken by {_offenders(fields)}"
     if event == "listener_opened":
-        return f"new listener {where} held by {who}"
+        return f"new listener {where} held by {_who(fields)}"
     if event == "listener_closed":
-        return f"listener {where} closed (was held by {who})"
+        return f"listener {where} closed (was held by {_who(fields)})"
     if event == "owner_changed":
-        return f"listener {where} now held by {who} (was pids {fields.get('previous_pids')})"
+        return f"listener {where} now held by {_who(fields)} (was pids {_pids(get('previous_pids'))})"
     if event == "hook_finished":
-        return f"hook {fields.get('hook')} finished with exit code {fields.get('exit_code')}"
+        return f"{hook_for} finished with exit code {get('exit_code')} in {get('duration')} s"
     if event == "hook_failed":
-        return f"hook {fields.get('hook')} failed: {fields.get('reason')}"
+        return f"{hook_for} failed: {get('reason')}"
+    if event == "hook_suppressed":
+        return f"{hook_for} not run again: cool-down, {get('until')} s left"
+    if event == "hook_dropped":
+        return f"{hook_for} dropped: {get('reason')}"
     if event == "config_rejected":
-        return f"config {fields.get('path')} rejected, keeping the last good one: {fields.get('error')}"
+        return f"config {get('path')} rejected, keeping the last good one: {get('error')}"
     if event == "config_reloaded":
-        return f"config {fields.get('path')} reloaded"
+        return f"config {get('path')} reloaded: {get('reserved_rules')} reserved-port rules"
     if event == "portwatch_started":
-        return f"portwatch started, watching {fields.get('listeners')} listeners"
+        return f"portwatch started, watching {get('listeners')} listeners"
     if event == "portwatch_stopping":
         return "portwatch stopping"
     if event == "degraded":
-        return f"owner resolution degraded: {fields.get('missing')}"
+        return f"owner resolution degraded: {get('reason')}; {get('missing')}"
+    if event == "state_restored":
+        saved = f"{get('listeners')} listeners as saved at {get('saved_at')}"
+        return f"state restored from {get('path')}: {saved}"
+    if event == "state_reset":
+        return f"state file unusable, starting afresh: {get('error')}"
+    if event == "scan_failed":
+        what = "partly failed" if get("partial") else "failed"
+        return f"scan {what}, nothing is reported closed until it succeeds: {get('error')}"
+    if event == "scan_recovered":
+        return f"scans whole again (after: {get('error')})"
     return event.replace("_", " ")
 
 
+def status_line(listeners: int, taken: int, when: str) -> str:
+    """The service's status for `systemctl status` (sd_notify STATUS=)."""
+    return (
+        f"watching {listeners} {'listener' if listeners == 1 else 'listeners'}, {taken} reserved "
+        f"{'port' if taken == 1 else 'ports'} taken, last scan {when}"
+    )
+
+
 def _who(fields: dict[str, Any]) -> str:
+    """The first holder, and how many more there are."""
     pid = fields.get("pid")
     if pid is None:
         return f"an unidentified process ({fields.get('unresolved')})"
-    text = f"{fields.get('comm')}[{pid}]"
+    text = _process(fields)
+    others = len(fields.get("pids") or ()) - 1
+    return text + (f" and {others} more" if others > 0 else "")
+
+
+def _offenders(fields: dict[str, Any]) -> str:
+    """The first holder the rule does not allow; the other offenders; the allowed holders."""
+    offenders = list(fields.get("offender_pids") or ())
+    allowed = [pid for pid in fields.get("pids") or () if pid not in offenders]
+    text = _process(fields)
+    if len(offenders) > 1:
+        text += f" and {len(offenders) - 1} more it does not allow (pids {_pids(offenders[1:])})"
+    if allowed:
+        text += f"; also held by allowed pids {_pids(allowed)}"
+    return text
+
+
+def _process(fields: dict[str, Any]) -> str:
+    text = f"{fields.get('comm')}[{fields.get('pid')}]"
     if fields.get("user"):
         text += f" user {fields['user']}"
     if fields.get("unit"):
         text += f" unit {fields['unit']}"
-    if len(fields.get("pids") or ()) > 1:
-        text += f" and {len(fields['pids']) - 1} more"
     return text
+
+
+def _pids(pids: Any) -> str:
+    return ", ".join(str(pid) for pid in pids or ())

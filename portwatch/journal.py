@@ -43,6 +43,7 @@ MESSAGE_IDS: dict[str, str] = {
     "state_restored": "2ab0c8eeb95c44dc8b84ffd1b7be15e2",
     "state_reset": "e3484aa795a040f0b0f4717565237310",
     "scan_failed": "43d03b7c2eda42ab904df3b9359d5148",
+    "scan_recovered": "5c91ed128de94f3b9489947f94319252",
 }
 
 FIELD_PREFIX = "PORTWATCH_"

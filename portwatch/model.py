@@ -89,6 +89,13 @@ class Snapshot(NamedTuple):
         return sorted(self.listeners.values(), key=listener_sort_key)
 
 
+def endpoint(address: str, port: int) -> str:
+    """`127.0.0.1:22`, `[::1]:22`, `*:22` for the IPv4 wildcard, as ss prints them."""
+    if address == "0.0.0.0":  # noqa: S104 - naming the wildcard, not binding it
+        return f"*:{port}"
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def listener_sort_key(listener: Listener) -> tuple[str, int, int, str, int]:
     s = listener.socket
     return (s.proto.value, s.port, s.family, s.address, s.inode)

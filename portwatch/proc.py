@@ -35,6 +35,7 @@ from portwatch.procfs import (
     parse_last_pid,
     parse_net_table,
     parse_socket_link,
+    parse_status_capabilities,
     parse_status_uid,
 )
 
@@ -94,11 +95,11 @@ class ProcFS:
                 try:
                     with open(path, "rb") as f:
                         text = f.read().decode("ascii", "replace")
-                except FileNotFoundError:
+                except FileNotFoundError as exc:
                     if family == 6:
                         continue
                     result.complete = False
-                    result.errors.append(f"{path}: missing")
+                    result.errors.append(f"{path}: {exc.strerror}")
                     continue
                 except OSError as exc:
                     result.complete = False
@@ -171,6 +172,14 @@ class ProcFS:
                 pass
             stale.append(name)
         return stale
+
+    def own_capabilities(self) -> int | None:
+        """This process's effective capability set, None when /proc does not say."""
+        try:
+            with open(f"{self.root}/self/status", "rb") as f:
+                return parse_status_capabilities(f.read().decode("ascii", "replace"))
+        except OSError:
+            return None
 
     def owner_uid(self, pid: int) -> int | None:
         """The uid owning /proc/<pid> (the process's effective uid, root when not dumpable)."""

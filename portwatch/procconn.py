@@ -4,17 +4,19 @@ The connector (NETLINK_CONNECTOR, group CN_IDX_PROC) reports each event
 within microseconds, which tells the daemon when to look again and which pids
 to look at first, instead of waiting for the next poll.
 
-Who may listen (checked on Linux 6.18, and in the kernel's history):
-- Before Linux 6.6, bind() to the group needs CAP_NET_ADMIN: open() raises
-  PermissionError and the daemon polls.
-- Since 6.6 (commit bfdfdc2f3b70, "connector/cn_proc: Allow non-root users
-  access") any user may listen: open() succeeds without privilege.
-- The kernel accepts a subscription only from the initial pid and user
-  namespaces, and then silently sends nothing back; yet a socket merely bound
-  to the group still receives every host event, with host pids that mean
-  nothing in a container's /proc. So open() waits for the kernel's
-  acknowledgement and raises TimeoutError (an OSError) without it, rather
-  than hand out pids from another namespace.
+Who may listen differs between kernels and their builds, so the daemon tries
+and falls back to polling on any OSError; it never decides from the version:
+- bind() to the group may need CAP_NET_ADMIN (upstream before 6.6, and some
+  later builds, refuse it to other users and in user namespaces): open()
+  raises PermissionError.
+- Outside the initial pid namespace a subscription may be refused with
+  EPERM, or silently not acknowledged; yet a socket merely bound to the group
+  can still receive every host event, with host pids that mean nothing in a
+  container's /proc. So open() waits for the kernel's acknowledgement and
+  raises TimeoutError (an OSError) without it, rather than hand out pids from
+  another namespace.
+- In a network namespace other than the initial one there is no connector:
+  the subscription is refused (ECONNREFUSED).
 See drivers/connector/cn_proc.c and include/uapi/linux/cn_proc.h.
 """
 
@@ -67,10 +69,10 @@ class ProcConnector:
     def open(cls) -> ProcConnector:
         """Subscribe, and return once the kernel has acknowledged it.
 
-        Raises PermissionError where listening needs CAP_NET_ADMIN (kernels
-        before 6.6, or a sandbox that refuses the socket with EPERM),
-        TimeoutError when the kernel does not acknowledge (another pid or
-        user namespace), and OSError otherwise (no AF_NETLINK, no connector).
+        Raises PermissionError where listening needs CAP_NET_ADMIN or the
+        namespace may not subscribe, TimeoutError when the kernel does not
+        acknowledge (another pid or user namespace), and OSError otherwise
+        (no AF_NETLINK, no connector in this network namespace).
         """
         try:
             sock = socket.socket(
@@ -85,7 +87,7 @@ class ProcConnector:
             try:
                 sock.bind((0, CN_IDX_PROC))
             except PermissionError as exc:
-                raise _error(exc, "joining CN_IDX_PROC needs CAP_NET_ADMIN before Linux 6.6") from exc
+                raise _error(exc, "joining CN_IDX_PROC was refused (CAP_NET_ADMIN needed here)") from exc
             except OSError as exc:
                 raise _error(exc, "cannot join CN_IDX_PROC") from exc
             _subscribe(sock)
@@ -184,7 +186,10 @@ def _subscribe(sock: socket.socket) -> None:
     the caller scans everything once after opening anyway.
     """
     ack = random.randrange(1, 1 << 30)  # noqa: S311 (tells acks apart; not a secret)
-    sock.send(_request(PROC_CN_MCAST_LISTEN, ack))
+    try:
+        sock.send(_request(PROC_CN_MCAST_LISTEN, ack))
+    except OSError as exc:  # ECONNREFUSED: no connector in this network namespace
+        raise _error(exc, "cannot subscribe") from exc
     deadline = time.monotonic() + _ACK_TIMEOUT
     poller = select.poll()
     poller.register(sock, select.POLLIN)

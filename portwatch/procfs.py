@@ -165,11 +165,16 @@ def parse_comm(raw: bytes) -> str:
 
 
 def parse_cmdline(raw: bytes) -> tuple[str, ...]:
-    """/proc/<pid>/cmdline: NUL-separated argv. Empty for kernel threads and zombies."""
+    """/proc/<pid>/cmdline: NUL-separated argv. Empty for kernel threads and zombies.
+
+    A process that rewrote its argv (setproctitle: nginx workers, PostgreSQL
+    backends) leaves the rest of the old argv area as NUL padding, which reads
+    as a tail of empty arguments; like ps, trailing NULs are dropped (and with
+    them any empty arguments a program was really given last).
+    """
+    raw = raw.rstrip(b"\0")
     if not raw:
         return ()
-    if raw.endswith(b"\0"):
-        raw = raw[:-1]
     return tuple(decode(arg) for arg in raw.split(b"\0"))
 
 
@@ -180,6 +185,17 @@ def parse_status_uid(text: str) -> int | None:
             fields = line.split()
             if len(fields) >= 2 and fields[1].isascii() and fields[1].isdigit():
                 return int(fields[1])
+            return None
+    return None
+
+
+def parse_status_capabilities(text: str) -> int | None:
+    """The effective capability set from /proc/<pid>/status (`CapEff:\t000001ffffffffff`)."""
+    for line in text.split("\n"):
+        if line.startswith("CapEff:"):
+            fields = line.split()
+            if len(fields) == 2 and len(fields[1]) <= 16 and _is_hex(fields[1]):
+                return int(fields[1], 16)
             return None
     return None
 

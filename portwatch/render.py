@@ -10,19 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from portwatch.model import Listener, Process, Socket
+from portwatch.model import Listener, Process, Socket, endpoint
 from portwatch.text import escape, is_plain
-
-
-def endpoint(sock: Socket) -> str:
-    """`127.0.0.1:22`, `[::1]:22`, `*:22` for the wildcard addresses (as ss prints them)."""
-    if sock.address in ("0.0.0.0", "::"):  # noqa: S104 - naming the wildcard, not binding it
-        host = "*" if sock.family == 4 else "[::]"
-    elif sock.family == 6:
-        host = f"[{sock.address}]"
-    else:
-        host = sock.address
-    return f"{host}:{sock.port}"
 
 
 def process_json(proc: Process) -> dict[str, Any]:
@@ -60,7 +49,7 @@ def listener_rows(listeners: Iterable[Listener], users: dict[int, str | None]) -
     rows = []
     for listener in listeners:
         s = listener.socket
-        head = [s.proto.value, endpoint(s)]
+        head = [s.proto.value, endpoint(s.address, s.port)]
         if not listener.processes:
             owner = users.get(s.uid) or str(s.uid)
             reason = listener.unresolved.value if listener.unresolved else "unknown"
@@ -102,7 +91,7 @@ def process_rows(entries: Iterable[ProcessPorts]) -> list[list[str]]:
     rows = []
     for entry in entries:
         p = entry.process
-        ports = ",".join(f"{s.proto.value}/{endpoint(s)}" for s in entry.sockets)
+        ports = ",".join(f"{s.proto.value}/{endpoint(s.address, s.port)}" for s in entry.sockets)
         if not entry.fds_readable:
             ports = "(permission_denied)"
         user = p.user or (str(p.uid) if p.uid is not None else "?")

@@ -80,8 +80,9 @@ def full_scan(
     *,
     walk: Walk | None = None,
     workers: int | None = None,
-) -> Snapshot:
-    """One complete snapshot: every listening socket and every process holding it.
+) -> tuple[Snapshot, list[str]]:
+    """Every listening socket and every process holding it, and the socket tables that could
+    not be read (each as "what: why"; the snapshot is then incomplete).
 
     `walk`: one begun earlier over procfs.root (the `portwatch` command starts
     it before its own start-up); else one is made here with `workers`.
@@ -94,13 +95,14 @@ def full_scan(
         walk.abandon()  # its helpers are already walking
         raise
     found = walk.finish(procfs, {s.inode for s in table.sockets if s.inode})
-    return build_snapshot(
+    snap = build_snapshot(
         table.sockets,
         found.holders,
         found.processes,
         complete=table.complete,
         denied_pids=len(found.denied),
     )
+    return snap, table.errors
 
 
 # -- the daemon's incremental resolution ---------------------------------------

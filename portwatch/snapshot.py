@@ -61,27 +61,29 @@ def owner_identity(listener: Listener) -> frozenset[tuple[int, str, str | None, 
 
 
 def diff(old: Snapshot, new: Snapshot) -> list[Change]:
-    """Changes from `old` to `new`, keyed by socket inode.
+    """Changes from `old` to `new`, keyed by socket inode, closings first.
 
-    An incomplete `new` never closes anything: a table that could not be
-    read is not evidence that its sockets are gone. A socket that moved from
+    Closings come first because they happened first: a server restarted
+    between two scans closed its old socket before binding the new one. An
+    incomplete `new` never closes anything: a table that could not be read is
+    not evidence that its sockets are gone. A socket that moved from
     unresolved to resolved (or back) is an owner change.
     """
     if old is new:
         return []  # the daemon's tracker hands back the same snapshot when nothing changed
     changes: list[Change] = []
-    for inode, listener in new.listeners.items():
-        before = old.listeners.get(inode)
-        if before is None:
-            changes.append(Change(ChangeKind.OPENED, listener))
-        elif before is not listener and owner_identity(before) != owner_identity(listener):
-            changes.append(Change(ChangeKind.OWNER_CHANGED, listener, before))
     if new.complete:
         changes.extend(
             Change(ChangeKind.CLOSED, listener)
             for inode, listener in old.listeners.items()
             if inode not in new.listeners
         )
+    for inode, listener in new.listeners.items():
+        before = old.listeners.get(inode)
+        if before is None:
+            changes.append(Change(ChangeKind.OPENED, listener))
+        elif before is not listener and owner_identity(before) != owner_identity(listener):
+            changes.append(Change(ChangeKind.OWNER_CHANGED, listener, before))
     return changes
 
 

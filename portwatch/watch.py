@@ -9,7 +9,9 @@ lost event (or no inotify at all) costs at most one call. pyinotify is used here
 A file is reported only when it looks complete: after its writer closed it (IN_CLOSE_WRITE), and
 never between a truncating open and the write that follows (an in-place `cat new > config`),
 which would load an empty, valid config and drop every rule. A change seen by stat alone must
-look the same on two calls in a row.
+look the same for STAT_SETTLE seconds (a writer can be preempted between the truncation and its
+event), and an empty file for the writer's grace. `matches()` tells the daemon whether the file
+it then read is still the one reported (it may have changed again in between).
 
 Single-threaded use: the daemon calls `changed()` when `fileno()` is readable and on every tick.
 """
@@ -64,6 +66,9 @@ _MAX_READS = 16  # per call, so a busy directory cannot stall the daemon's loop
 # How long a writer may keep the file open before we stop waiting for its CLOSE_WRITE and trust
 # stat alone (a process that never closes it must not freeze the config forever).
 WRITER_GRACE = 5.0  # seconds
+# How long a change seen by stat alone must stay the same before it is trusted (the daemon polls
+# every 0.5 s, so a polled change is reported at the second look).
+STAT_SETTLE = 0.4  # seconds
 
 # ("file", dev, ino, size, mtime_ns, ctime_ns, mode), ("missing",) or ("error", errno).
 # ctime is included because chown/chmod and an in-place rewrite that restores mtime
@@ -143,7 +148,7 @@ class ConfigWatcher:
                 self._mode = "inotify"
         # Taken after the watches exist, so no change can fall between the two.
         self._sig = _signature(self._path)
-        self._last_seen = self._sig  # the signature at the previous call
+        self._settling: tuple[_Signature, float] | None = None  # a stat change and when first seen
 
     @property
     def mode(self) -> str:
@@ -170,23 +175,39 @@ class ConfigWatcher:
             # A dead watch, an earlier failure, or a different file (a symlink may now point
             # into another directory): compute the directories again and re-add them.
             self._arm()
-        seen_before, self._last_seen = self._last_seen, sig
         now = time.monotonic()
         if writing is not None:
             self._writing_since = (self._writing_since or now) if writing else None
         if self._writing_since is not None and now - self._writing_since < self._writer_grace:
             return False  # keep the old signature: the writer's CLOSE_WRITE will report it
         if force:
-            self._sig = sig
+            self._sig, self._settling = sig, None
             return True
         # An event said the file is complete (a new symlink), or a watch died and events may be
         # lost: trust stat now. Seen by stat alone (polling, or a path inotify cannot see), the
-        # file must look the same twice in a row, so a truncate and the write that follows it
-        # are not caught in between.
-        if sig != self._sig and (writing is False or rearm or sig == seen_before):
-            self._sig = sig
+        # file must have settled, so a truncate and the write that follows it are not caught in
+        # between.
+        if sig != self._sig and (writing is False or rearm or self._settled(sig, now)):
+            self._sig, self._settling = sig, None
             return True
         return False
+
+    def matches(self) -> bool:
+        """Whether the file still looks as it did when `changed()` last reported it.
+
+        The daemon reads the file after `changed()`; if it changed in between (a new file
+        being written where a deleted one was), what it read may be incomplete: it should keep
+        its config, and the next `changed()` reports the file once it is complete.
+        """
+        return _signature(self._path) == self._sig
+
+    def _settled(self, sig: _Signature, now: float) -> bool:
+        """True once `sig` has been seen unchanged for STAT_SETTLE (an empty file: the grace)."""
+        if self._settling is None or self._settling[0] != sig:
+            self._settling = (sig, now)
+            return False
+        empty = sig[0] == "file" and sig[3] == 0  # a truncation waiting for its write, most likely
+        return now - self._settling[1] >= (self._writer_grace if empty else STAT_SETTLE)
 
     def close(self) -> None:
         """Release the inotify fd (and every watch with it). Safe to call twice."""

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portwatch"
 
 LAYERS = [
     {"__init__", "model", "text"},
-    {"procfs", "snapshot", "policy", "config", "events", "render"},
+    {"procfs", "snapshot", "policy", "config", "events", "render", "access"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
     {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state"},
     {"walk"},

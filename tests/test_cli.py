@@ -5,17 +5,23 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import PROGRAMS, ROOT, Holder, run_cli
+from tests.conftest import (
+    AS_NOBODY,
+    ROOT,
+    Holder,
+    free_port,
+    masked_net_tables,
+    python_for_nobody,
+    run_cli,
+)
 
 HOSTILE_NAME = b"ev\x1b[31mil\n$(id)"  # 14 bytes: fits comm's 15
 
@@ -115,11 +121,48 @@ def test_who_exit_codes(holders: Callable[..., Holder]) -> None:
     text = run_cli("who", str(tcp_port))
     assert text.returncode == 0 and str(h.pid) in text.stdout
     assert run_cli("who", str(udp_port), "--udp").returncode == 0
-    with_socket_closed = _free_port()
+    with_socket_closed = free_port()
     nothing = run_cli("who", str(with_socket_closed))
     assert (nothing.returncode, nothing.stdout) == (1, "")
+    assert nothing.stderr == f"portwatch: nothing listens on tcp port {with_socket_closed}\n"
     nothing_json = run_cli("who", str(with_socket_closed), "--json")
     assert (nothing_json.returncode, json.loads(nothing_json.stdout)) == (1, [])
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fault", ["missing", "unreadable"])
+def test_a_table_that_cannot_be_read_is_never_taken_for_empty(
+    tmp_path: Path, holders: Callable[..., Holder], fault: str,
+) -> None:
+    """/proc/net/tcp missing or unreadable (masked, as a container runtime or a security module
+    would): every view prints what it could read, names the table on stderr and exits 65; `who`
+    never says "nothing listens" about it, and is not troubled by a table it does not need."""
+    tcp = holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1"}])
+    udp = holders([{"proto": "udp", "family": 4, "address": "127.0.0.1"}])
+    prefix = masked_net_tables(tmp_path / "net", **{fault: ["tcp"]})
+
+    def run(*args: str) -> tuple[int, str, list[str]]:
+        result = run_cli(*args, "--source", "proc", prefix=prefix)
+        assert "Traceback" not in result.stderr
+        return result.returncode, result.stdout, [x for x in result.stderr.splitlines() if "cannot read" in x]
+
+    status, out, unread = run("list", "--json")
+    inodes = {entry["inode"] for entry in json.loads(out)}
+    assert status == 65 and udp.inode in inodes and tcp.inode not in inodes
+    (line,) = unread
+    assert "/proc/self/net/tcp:" in line and "tcp6" not in line
+    status, out, unread = run("list")
+    assert status == 65 and f":{udp.port} " in out and len(unread) == 1
+    status, out, unread = run("who", str(tcp.port))
+    assert status == 65 and out == "" and len(unread) == 1
+    status, out, unread = run("who", "--json", str(tcp.port))
+    assert (status, json.loads(out), len(unread)) == (65, [], 1)
+    status, out, unread = run("who", "--udp", str(udp.port))
+    assert status == 0 and str(udp.pid) in out and unread == []
+    status, out, unread = run("who", "--udp", str(free_port()))
+    assert (status, unread) == (1, [])
+    status, out, unread = run("ps")
+    assert status == 65 and len(unread) == 1
 
 
 @pytest.mark.parametrize("bad", ["abc", "0", "70000", "-1", "22x", ""])
@@ -208,36 +251,15 @@ def test_agrees_with_ss(holders: Callable[..., Holder]) -> None:
     assert before == ours
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def world_readable_tree() -> Iterator[Path]:
-    """A copy of the package and test programs that an unprivileged user can read."""
-    tree = Path(tempfile.mkdtemp(prefix="portwatch-tree-"))
-    shutil.copytree(ROOT / "portwatch", tree / "portwatch", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(PROGRAMS / "listener.py", tree / "listener.py")
-    for path in [tree, *tree.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    yield tree
-    shutil.rmtree(tree)
-
-
 @pytest.mark.root
-def test_unprivileged_user_sees_every_socket(holders: Callable[..., Holder], world_readable_tree: Path) -> None:
+def test_unprivileged_user_sees_every_socket(holders: Callable[..., Holder], readable_tree: Path) -> None:
     """As `nobody` the CLI lists root's sockets (owner unresolved, with the reason), resolves its own, and says why once."""
     assert os.geteuid() == 0, "this test drops privileges with setpriv and must start as root"
-    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
-    python = shutil.which("python3", path="/usr/bin") or sys.executable
+    drop, python = list(AS_NOBODY), python_for_nobody()
     roots = holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1"}])
     mine = holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1"}], prefix=drop, python=python,
-                   program=world_readable_tree / "listener.py")
-    env = {"PYTHONPATH": str(world_readable_tree), "PATH": os.environ["PATH"]}
+                   program=readable_tree / "programs" / "listener.py")
+    env = {"PYTHONPATH": str(readable_tree), "PATH": os.environ["PATH"]}
     result = subprocess.run(
         [*drop, python, "-m", "portwatch", "list", "--json"],
         capture_output=True, text=True, env=env, cwd="/", check=False, timeout=60,
@@ -256,6 +278,22 @@ def test_unprivileged_user_sees_every_socket(holders: Callable[..., Holder], wor
     )
     row = next(line for line in table.stdout.splitlines() if f":{roots.port}" in line)
     assert "(permission_denied)" in row
+
+
+@pytest.mark.root
+def test_root_without_the_capabilities_is_not_told_to_run_as_root(
+    holders: Callable[..., Holder], readable_tree: Path,
+) -> None:
+    """Root in a sandbox that took CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH away cannot read
+    another user's fds: the hint names the capabilities root lacks, not "run as root"."""
+    nobodys = holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1"}], prefix=AS_NOBODY,
+                      python=python_for_nobody(), program=readable_tree / "programs" / "listener.py")
+    result = run_cli("who", str(nobodys.port),
+                     prefix=["setpriv", "--bounding-set=-sys_ptrace,-dac_read_search,-dac_override"])
+    assert result.returncode == 0 and "(permission_denied)" in result.stdout
+    (hint,) = [line for line in result.stderr.splitlines() if "could not be identified" in line]
+    assert "root runs without CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH" in hint
+    assert "run as root" not in hint
 
 
 @pytest.mark.root

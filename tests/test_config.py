@@ -162,8 +162,9 @@ def test_example_config_loads() -> None:
     assert config.path == str(EXAMPLE)
     assert [r.name for r in config.reserved] == ["ssh", "postgres", "dns"]
     assert config.rule_for(Proto.UDP, 53) is not None
-    assert config.hooks["log-violation"].command[0] == "/usr/bin/logger"
-    assert Path(config.hooks["log-violation"].command[0]).exists()
+    shell, _, script = config.hooks["log-violation"].command
+    assert shell == "/bin/sh" and script.startswith("exec /usr/bin/logger ")
+    assert Path(shell).exists() and Path("/usr/bin/logger").exists()
     assert config.interval == 1.0
     assert config.log_listeners is True
 

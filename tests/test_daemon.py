@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -14,8 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PROGRAMS, Holder, run_cli
-from tests.daemon_fixture import DaemonProcess, daemons  # noqa: F401 (fixture)
+from tests.conftest import PROGRAMS, ROOT, DaemonProcess, Holder, clean_env, run_cli, wait_exited
 
 RECORDER = PROGRAMS / "record_event.py"
 HOSTILE = b'x\n{"event":1}\x1b'  # 15 bytes: a newline, a fake JSON event, an escape
@@ -73,20 +73,6 @@ def hook_records(path: Path, count: int = 1, timeout: float = 5.0) -> list[dict[
     raise AssertionError(f"hook did not run {count} time(s) within {timeout}s")
 
 
-def wait_gone(pid: int, timeout: float = 2.0) -> bool:
-    """True once `pid` has exited (gone, or a zombie waiting for its reaper)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def unhex(value: str) -> bytes:
     return bytes.fromhex(value)
 
@@ -106,7 +92,7 @@ def test_reserved_port_taken_runs_hook(
     port = tcp4[0]["port"]
     out = tmp_path / "hook.jsonl"
     cfg = write_config(tmp_path / "pw.yaml", config_text(port, out, allow="      - comm: nginx\n"))
-    d = daemons(cfg, env={"NOTIFY_SOCKET": "@portwatch-test-unused", "WATCHDOG_USEC": "999999999"})
+    d = daemons(cfg, env=clean_env(NOTIFY_SOCKET="@portwatch-test-unused", WATCHDOG_USEC="999999999"))
     d.started()
     h = holders(tcp4, name=b"squatter")
     taken = d.wait_event("reserved_port_taken", port=port)
@@ -194,7 +180,8 @@ def test_violation_present_at_startup(
     holders: Callable[..., Holder],
     tcp4: list[dict[str, Any]],
 ) -> None:
-    """A squatter already there when the daemon starts is reported, flagged at_startup."""
+    """A squatter already there when the daemon starts is reported, flagged at_startup, after
+    portwatch_started (events come in the order things happened)."""
     h = holders(tcp4, name=b"early-bird")
     out = tmp_path / "hook.jsonl"
     d = daemons(write_config(tmp_path / "pw.yaml", config_text(h.port, out)))
@@ -202,6 +189,7 @@ def test_violation_present_at_startup(
     assert taken["at_startup"] is True and taken["pid"] == h.pid and taken["comm"] == "early-bird"
     started = d.started()
     assert started["listeners"] >= 1
+    assert d.events[0] is started
     hook_records(out)
     # No listener_opened for what was already there: the first snapshot is the baseline.
     assert d.count("listener_opened", port=h.port) == 0
@@ -231,9 +219,9 @@ def test_hostile_name_cannot_forge_events_or_run(
     assert not marker.exists()
     # Every line is exactly one event; the fake event inside the name never became a line.
     assert all(
-        isinstance(json.loads(line), dict) and "event" in json.loads(line) for line in d.raw_lines
+        isinstance(json.loads(line), dict) and "event" in json.loads(line) for line in d.lines
     )
-    assert all(json.loads(line)["event"] != 1 for line in d.raw_lines)
+    assert all(json.loads(line)["event"] != 1 for line in d.lines)
     assert h.pid == taken["pid"]
 
 
@@ -270,10 +258,8 @@ def test_reload_by_rename_in_place_and_sighup(
     # 1. atomic replace, as editors and configuration management do it
     tmp = tmp_path / ".pw.yaml.tmp"
     tmp.write_text(config_text(port, out, interval=0.2))
-    t0 = time.monotonic()
     os.replace(tmp, cfg)
     d.wait_event("config_reloaded", timeout=1.0, path=str(cfg))
-    assert time.monotonic() - t0 < 1.0
     h = holders(tcp4, name=b"intruder")
     d.wait_event("reserved_port_taken", port=port, pid=h.pid)
     # 2. a bad edit in place: rejected with file and line; the old config stays in force
@@ -342,10 +328,7 @@ def test_hook_timeout_kills_its_group(
     failed = d.wait_event("hook_failed", timeout=5)
     assert failed["reason"].startswith("timeout")
     for pid in map(int, pids.read_text().split()):
-        assert (
-            not Path(f"/proc/{pid}").exists()
-            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
-        )
+        assert wait_exited(pid)  # SIGKILL was sent to the group; it lands when they next run
     # Detection did not wait for the hook: the daemon kept scanning meanwhile.
     assert d.proc.poll() is None
 
@@ -377,6 +360,32 @@ def test_shipped_example_config_passes_check() -> None:
     assert (result.returncode, result.stdout) == (0, "ok\n"), result.stderr
 
 
+@pytest.mark.root
+def test_shipped_example_hook_passes_hostile_values_as_data(tmp_path: Path) -> None:
+    """The example hook, run with the environment portwatch gives hooks and a process name made
+    to break out of shell quoting: logger (replaced in a private mount namespace by a recorder)
+    gets the one message, the name in it literally, and nothing ran."""
+    from portwatch.config import load_config
+    from portwatch.hooks import hook_environment
+
+    (hook,) = load_config(str(ROOT / "etc" / "portwatch.yaml")).hooks.values()
+    marker, out = tmp_path / "pwned", tmp_path / "logger-args"
+    comm = f'x"$(touch {marker})`touch {marker}`;touch {marker}\n'
+    event = {"event": "reserved_port_taken", "rule": "ssh", "proto": "tcp", "address": "0.0.0.0",
+             "port": 22, "pid": 4242, "comm": comm, "unit": "evil.service"}
+    recorder = tmp_path / "logger"
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" > {out}\n")
+    recorder.chmod(0o755)
+    replace_logger = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /usr/bin/logger && exec "$@"',
+                      str(recorder)]
+    env = hook_environment(event, {"PATH": "/usr/bin:/bin"})
+    subprocess.run([*replace_logger, *hook.command], env=env, check=True, timeout=10)
+    args = out.read_bytes().split(b"\0")[:-1]
+    assert args[:3] == [b"-t", b"portwatch-hook", b"--"]
+    assert args[3:] == [f"reserved port tcp/22 (rule ssh) taken by pid 4242 ({comm}, unit evil.service)".encode()]
+    assert not marker.exists()
+
+
 @pytest.fixture
 def console_env() -> dict[str, str]:
     return {"NO_COLOR": "1"}
@@ -384,6 +393,7 @@ def console_env() -> dict[str, str]:
 
 def test_console_format_escapes(
     tmp_path: Path,
+    daemons: Callable[..., DaemonProcess],
     holders: Callable[..., Holder],
     tcp4: list[dict[str, Any]],
     console_env: dict[str, str],
@@ -391,27 +401,13 @@ def test_console_format_escapes(
     """--log-format console writes one line per event with hostile names escaped."""
     port = tcp4[0]["port"]
     cfg = write_config(tmp_path / "pw.yaml", config_text(port, tmp_path / "o"))
-    d = DaemonProcess.__new__(DaemonProcess)  # console output is not JSON: read it raw
-    import subprocess
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "portwatch", "run", "--config", str(cfg), "--log-format", "console",
-         "--state-dir", str(tmp_path / "state")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, **console_env},
-        cwd=Path(__file__).parent.parent,
-    )
-    try:
-        time.sleep(1.0)
-        h = holders(tcp4, name=HOSTILE)
-        time.sleep(1.0)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        stdout, _ = proc.communicate(5)
-    text = stdout.decode()
+    d = daemons(cfg, fmt="console", env=clean_env(**console_env))
+    d.wait_line(b"portwatch_started")
+    h = holders(tcp4, name=HOSTILE)
+    d.wait_line(b"reserved_port_taken")
+    d.stop()
+    text = b"".join(d.lines).decode()
     assert "\x1b" not in text
     taken = [line for line in text.splitlines() if "reserved_port_taken" in line]
     assert len(taken) == 1 and "x\\n{" in taken[0] and "\\x1b" in taken[0]
     assert str(h.pid) in taken[0]
-    del d

@@ -23,7 +23,7 @@ import unicodedata
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from portwatch.events import listener_fields
@@ -193,9 +193,11 @@ def test_comm_any_bytes_round_trip(raw: bytes) -> None:
 @FUZZ
 @given(st.lists(st.binary(max_size=300).filter(lambda b: b"\0" not in b), max_size=20))
 def test_cmdline_any_argv_round_trip(argv: list[bytes]) -> None:
-    """cmdline: the exact argv back, invalid UTF-8, newlines and escapes included."""
+    """cmdline: the exact argv back, invalid UTF-8, newlines and escapes included, but for empty
+    arguments at the end (they read as the NUL padding of a rewritten argv, and ps drops them too)."""
     raw = b"".join(arg + b"\0" for arg in argv)
-    assume(argv != [b""])  # one empty argument and no argument at all read the same: b"\0" vs b""
+    while argv and not argv[-1]:
+        argv = argv[:-1]
     assert [encode(arg) for arg in parse_cmdline(raw)] == argv
 
 

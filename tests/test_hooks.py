@@ -21,16 +21,16 @@ import pytest
 
 from portwatch.hooks import (
     ENV_VALUE_LIMIT,
+    KILL_GRACE,
     OUTPUT_TAIL,
     HookRunner,
     hook_environment,
 )
 from portwatch.text import decode, encode
+from tests.conftest import PROGRAMS, python_for_nobody
 
-PROGRAMS = Path(__file__).resolve().parent / "programs"
 RECORD = str(PROGRAMS / "record_hook.py")
 MISBEHAVE = str(PROGRAMS / "misbehave_hook.py")
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 EVENT: dict[str, Any] = {
     "event": "policy_violated",
@@ -411,12 +411,12 @@ def test_spawn_errors_are_reported_under_setpriv(
 
 @pytest.mark.root
 @pytest.mark.usefixtures("as_root")
-def test_unprivileged_daemon_reports_spawn_errors_and_drops_ambient_caps() -> None:
+def test_unprivileged_daemon_reports_spawn_errors_and_drops_ambient_caps(readable_tree: Path) -> None:
     # Runs the runner itself as nobody with an ambient capability, the way the
-    # unit runs the daemon. /usr/bin/python3: the pyenv interpreters live under /root.
+    # unit runs the daemon, from a copy nobody can read (the checkout may be root's alone).
     env = {
         "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(SOURCE_ROOT),
+        "PYTHONPATH": str(readable_tree),
         "PYTHONDONTWRITEBYTECODE": "1",
         "TMPDIR": "/tmp",
     }
@@ -424,7 +424,7 @@ def test_unprivileged_daemon_reports_spawn_errors_and_drops_ambient_caps() -> No
         [
             *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
             *("--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"),
-            *("/usr/bin/python3", str(PROGRAMS / "unprivileged_hooks.py")),
+            *(python_for_nobody(), str(readable_tree / "programs" / "unprivileged_hooks.py")),
         ],
         capture_output=True,
         text=True,
@@ -456,17 +456,14 @@ def test_hanging_hook_and_its_child_are_killed_at_timeout(
     make_runner: Callable[..., HookRunner], events: Events, tmp_path: Path
 ) -> None:
     pidfile = tmp_path / "pids"
-    started = time.monotonic()
     make_runner().submit("hang", [sys.executable, MISBEHAVE, "hang", str(pidfile)], 0.5, EVENT, 1)
     leader, child = read_pids(pidfile)
     ((name, fields),) = events.wait(1)
-    elapsed = time.monotonic() - started
     assert name == "hook_failed"
     assert fields["reason"] == "timeout"
     assert fields["signal"] == signal.SIGKILL  # it ignored SIGTERM
     assert fields["exit_code"] is None
-    assert 0.9 < fields["duration"] < 2.0  # timeout + grace
-    assert elapsed < 2.5
+    assert fields["duration"] >= 0.5 + KILL_GRACE  # TERM at the timeout, KILL only after the grace
     assert not Path(f"/proc/{leader}").exists()  # reaped: no zombie
     assert is_dead(child)
 
@@ -477,9 +474,8 @@ def test_child_left_in_the_group_is_killed_when_the_hook_exits(
     pidfile = tmp_path / "pid"
     script = 'sleep 30 & echo $! > "$1"; exit 0'
     make_runner().submit("bg", ["/bin/sh", "-c", script, "sh", str(pidfile)], 10, EVENT, 1)
-    ((name, fields),) = events.wait(1)
+    ((name, _fields),) = events.wait(1)  # reported although the child sleeps for 30 s
     assert name == "hook_finished"
-    assert fields["duration"] < 1.0
     (child,) = read_pids(pidfile)
     assert is_dead(child)
 
@@ -527,15 +523,13 @@ def test_detached_grandchild_does_not_delay_the_report(
 ) -> None:
     pidfile = tmp_path / "pid"
     argv = [sys.executable, MISBEHAVE, "detach", str(pidfile), "30"]
-    started = time.monotonic()
     make_runner().submit("detach", argv, 10, EVENT, 1)
     (grandchild,) = read_pids(pidfile)
     leftovers.append(grandchild)
-    ((name, fields),) = events.wait(1)
-    assert time.monotonic() - started < 1.0
+    ((name, _fields),) = events.wait(1)
     assert name == "hook_finished"
-    assert fields["duration"] < 1.0
-    # It escaped the group kill (it holds the output file, never a pipe we read).
+    # Reported while the grandchild, which escaped the group kill and holds the output file
+    # (never a pipe we read), still runs: its 30 s did not delay the report.
     assert not is_dead(grandchild, timeout=0.1)
 
 
@@ -627,9 +621,9 @@ def test_full_queue_drops_and_submit_never_blocks(
     while runner.running == 0:
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    started = time.monotonic()
+    # Returns at once, while the only worker is busy for 30 s: a submit that waited for room
+    # would accept all five.
     accepted = [runner.submit("later", ["sleep", "30"], 30, EVENT, i) for i in range(1, 6)]
-    assert time.monotonic() - started < 0.1  # the scan loop is never held up
     assert accepted == [True, True, False, False, False]
     assert (
         events.named("hook_dropped")
@@ -647,9 +641,7 @@ def test_close_ends_running_hooks_promptly(
         runner.submit(f"hang{i}", [sys.executable, MISBEHAVE, "hang", str(pidfile)], 60, EVENT, i)
     runner.submit("queued", ["/bin/true"], 10, EVENT, 3)
     pids = [pid for pidfile in pidfiles for pid in read_pids(pidfile)]
-    started = time.monotonic()
-    runner.close(timeout=0.5)
-    assert time.monotonic() - started < 1.5
+    runner.close(timeout=0.5)  # the hooks' own timeout is 60 s: "shutdown" below, not "timeout"
     assert wait_idle(runner) == 0
     failed = events.named("hook_failed")
     assert sorted(f["hook"] for f in failed) == ["hang0", "hang1"]  # the queued one never ran

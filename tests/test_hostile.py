@@ -8,7 +8,6 @@ of 4 KB and more, and an executable whose own path is hostile.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -21,13 +20,22 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import PROGRAMS, ROOT, Holder
+from tests.conftest import (
+    AS_NOBODY,
+    PROGRAMS,
+    ROOT,
+    DaemonProcess,
+    Holder,
+    clean_env,
+    free_port,
+    python_for_nobody,
+)
 from tests.journald_fixture import Journald, field_values, journald  # noqa: F401 (fixture)
 
 RECORDER = PROGRAMS / "record_event.py"
@@ -43,6 +51,7 @@ EVENT_NAMES = {
     "portwatch_started", "portwatch_stopping", "listener_opened", "listener_closed", "owner_changed",
     "reserved_port_taken", "hook_finished", "hook_failed", "hook_suppressed", "hook_dropped",
     "config_reloaded", "config_rejected", "degraded", "state_restored", "state_reset", "scan_failed",
+    "scan_recovered",
 }
 
 
@@ -58,29 +67,6 @@ def hostile_argv(marker: Path) -> list[bytes]:
 
 def decoded(argv: Sequence[bytes]) -> list[str]:
     return [a.decode("utf-8", "surrogateescape") for a in argv]
-
-
-def free_port(taken: Sequence[int] = ()) -> int:
-    """A free port below the ephemeral range: no socket bound to port 0 (by this host's other
-    programs, or the churn tests) can land on it and add a violation to a count."""
-    import secrets
-    import socket
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    first = 10000 if low > 12000 else 1024
-    for _ in range(1000):
-        port = first + secrets.randbelow(max(1, low - first))
-        if port in taken:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port))
-            with socket.socket(socket.AF_INET6) as s:
-                s.bind(("::1", port))
-        except OSError:
-            continue
-        return port
-    raise AssertionError("no free port below the ephemeral range")
 
 
 def guarded_config(path: Path, port: int, hook_out: Path, *, interval: float = 0.2, extra: str = "") -> Path:
@@ -112,118 +98,6 @@ def hook_records(path: Path, count: int = 1, timeout: float = 5.0) -> list[dict[
     raise AssertionError(f"the hook did not run {count} time(s) within {timeout}s")
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment without systemd's stream marker (auto would pick the journal)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM", "NOTIFY_SOCKET")}
-    env.update(extra)
-    return env
-
-
-class Watcher:
-    """`portwatch run` as a real process, started through any prefix (nsenter, setpriv, a
-    seccomp launcher), any python and any log format. stdout lines are kept raw; those that are
-    JSON objects are also parsed into `events`."""
-
-    def __init__(
-        self,
-        config: Path,
-        *extra: str,
-        fmt: str = "json",
-        prefix: Sequence[str] = (),
-        python: str = sys.executable,
-        env: dict[str, str] | None = None,
-        cwd: Path | str = ROOT,
-        state_dir: Path | None = None,
-    ) -> None:
-        state = state_dir or config.parent / "state"
-        self.argv = [*prefix, python, "-m", "portwatch", "run", "--config", str(config),
-                     "--log-format", fmt, "--state-dir", str(state), *extra]
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     cwd=cwd, env=env if env is not None else clean_env())
-        self.pid = self.proc.pid
-        self.lines: list[bytes] = []
-        self.events: list[Event] = []
-        self.stderr = b""
-        self._cond = threading.Condition()
-        self._threads = [threading.Thread(target=self._read, daemon=True),
-                         threading.Thread(target=self._read_stderr, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.lines.append(line)
-                with contextlib.suppress(ValueError):
-                    event = json.loads(line)
-                    if isinstance(event, dict):
-                        self.events.append(event)
-                self._cond.notify_all()
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        data = self.proc.stderr.read()
-        with self._cond:
-            self.stderr = data
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.events)
-
-    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 5.0, since: int = 0) -> Event:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for event in self.events[since:]:
-                    if predicate(event):
-                        return event
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._threads[0].is_alive()):
-                    names = [e.get("event") for e in self.events]
-                    raise AssertionError(
-                        f"no matching event within {timeout}s; saw {names}; stderr: {self.stderr[-2000:]!r}")
-                self._cond.wait(min(left, 0.1))
-
-    def wait_event(self, name: str, timeout: float = 5.0, since: int = 0, **fields: Any) -> Event:
-        return self.wait_for(
-            lambda e: e.get("event") == name and all(e.get(k) == v for k, v in fields.items()), timeout, since)
-
-    def count(self, name: str, **fields: Any) -> int:
-        with self._cond:
-            return sum(1 for e in self.events
-                       if e.get("event") == name and all(e.get(k) == v for k, v in fields.items()))
-
-    def stop(self, timeout: float = 5.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for thread in self._threads:
-            thread.join(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def watchers() -> Iterator[Callable[..., Watcher]]:
-    started: list[Watcher] = []
-
-    def start(config: Path, *extra: str, **kw: Any) -> Watcher:
-        w = Watcher(config, *extra, **kw)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
-
-
 def in_mount_namespace_of(pid: int) -> list[str]:
     """A prefix that runs a command in `pid`'s mount namespace, in this checkout (setns to a mount
     namespace moves the working directory to its root)."""
@@ -245,7 +119,7 @@ def daemon_entries(journal: Journald, pid: int, *matches: str, count: int = 1) -
 @pytest.mark.root
 def test_journal_one_entry_per_event_with_exact_bytes(
     tmp_path: Path, journald: Journald, holders: Callable[..., Holder],
-    watchers: Callable[..., Watcher],
+    daemons: Callable[..., DaemonProcess],
 ) -> None:
     """--log-format journal against a real journald: each event is one entry; PORTWATCH_COMM and
     PORTWATCH_CMDLINE carry the exact bytes; the name forges no field, no PRIORITY and no
@@ -256,7 +130,7 @@ def test_journal_one_entry_per_event_with_exact_bytes(
     out = tmp_path / "hook.jsonl"
     cfg = guarded_config(tmp_path / "pw.yaml", port, out)
     # journald's /run exists only in its mount namespace: run the daemon there, as under systemd.
-    d = watchers(cfg, fmt="journal", prefix=in_mount_namespace_of(journald.pid))
+    d = daemons(cfg, fmt="journal", prefix=in_mount_namespace_of(journald.pid))
     assert daemon_entries(journald, d.pid, "PORTWATCH_EVENT=portwatch_started"), d.stderr
     argv = hostile_argv(marker)
     h = holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1", "port": port}],
@@ -436,14 +310,14 @@ def hostile_python(directory: Path) -> Path:
 
 
 def test_long_command_lines_and_hostile_exe_arrive_exact(
-    tmp_path: Path, holders: Callable[..., Holder], watchers: Callable[..., Watcher],
+    tmp_path: Path, holders: Callable[..., Holder], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """A 64 KB command line made of 4 KB arguments full of newlines, escapes and invalid UTF-8, run
     from an executable whose path holds a newline: one JSON line per event with the exact strings,
     and the hook gets the exact bytes (PORTWATCH_EXE whole, the event on stdin whole)."""
     port = free_port()
     out = tmp_path / "hook.jsonl"
-    d = watchers(guarded_config(tmp_path / "pw.yaml", port, out))
+    d = daemons(guarded_config(tmp_path / "pw.yaml", port, out))
     d.wait_event("portwatch_started", timeout=10)
     python = hostile_python(tmp_path / "bin")
     chunk = bytes(range(1, 256)) * 16  # 4080 bytes: every byte value but NUL, invalid UTF-8 included
@@ -470,56 +344,10 @@ def test_long_command_lines_and_hostile_exe_arrive_exact(
 
 # --- an unprivileged watcher ----------------------------------------------------------------------
 
-NOBODY = 65534
-DROP = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-        "--ambient-caps=-all"]
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-def copy_module(name: str, into: Path) -> None:
-    """Copy an installed module or package (found where this interpreter imports it from)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        pytest.fail(f"{name} is not installed for {sys.executable}")
-    origin = Path(spec.origin)
-    if spec.submodule_search_locations:
-        shutil.copytree(origin.parent, into / origin.parent.name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    else:
-        shutil.copy2(origin, into / origin.name)
-
-
-@pytest.fixture
-def nobody_tree() -> Iterator[Path]:
-    """A world-readable copy of the package, its dependencies and the test programs, and a
-    directory `nobody` may write (state, hook output)."""
-    import tempfile
-
-    tree = Path(tempfile.mkdtemp(prefix="portwatch-nobody-"))
-    lib = tree / "lib"
-    lib.mkdir()
-    shutil.copytree(ROOT / "portwatch", lib / "portwatch", ignore=shutil.ignore_patterns("__pycache__"))
-    deps = ["yaml", "structlog", "sdnotify", "pyinotify"]
-    if sys.version_info >= (3, 12):
-        deps.append("asyncore")  # pyasyncore, for pyinotify
-    for dep in deps:
-        copy_module(dep, lib)
-    for program in ("listener.py", "record_event.py"):
-        shutil.copy2(PROGRAMS / program, tree / program)
-    for path in [tree, *tree.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    work = tree / "work"
-    work.mkdir(mode=0o755)
-    os.chown(work, NOBODY, NOBODY)
-    yield tree
-    shutil.rmtree(tree)
-
-
 @pytest.mark.root
 def test_unprivileged_watcher_says_what_it_cannot_see(
-    nobody_tree: Path, holders: Callable[..., Holder], watchers: Callable[..., Watcher],
+    readable_tree: Path, nobody_work: Path, holders: Callable[..., Holder],
+    daemons: Callable[..., DaemonProcess],
 ) -> None:
     """As `nobody` without CAP_SYS_PTRACE/CAP_DAC_READ_SEARCH: every port is still watched; a
     root-owned squatter is reported unverified (unresolved: permission_denied, no pid) even though
@@ -527,13 +355,11 @@ def test_unprivileged_watcher_says_what_it_cannot_see(
     its pid; one degraded event names the missing capabilities. A root watcher on the same config
     sees the first squatter is allowed."""
     need_root()
-    if not os.access(SYSTEM_PYTHON, os.X_OK):
-        pytest.fail(f"{SYSTEM_PYTHON} is needed to run the daemon as nobody")
-    lib, work = nobody_tree / "lib", nobody_tree / "work"
+    python, work = python_for_nobody(), nobody_work
     root_port, nobody_port = free_port(), free_port()
     out = work / "hook.jsonl"
-    hook = [SYSTEM_PYTHON, str(nobody_tree / "record_event.py"), str(out)]
-    cfg = nobody_tree / "pw.yaml"
+    hook = [python, str(readable_tree / "programs" / "record_event.py"), str(out)]
+    cfg = work / "pw.yaml"
     cfg.write_text(
         "interval: 0.2\nhook_cooldown: 0\nreserved:\n"
         f"  - name: rootonly\n    ports: [{root_port}]\n    allow:\n      - comm: rootd\n"
@@ -544,8 +370,8 @@ def test_unprivileged_watcher_says_what_it_cannot_see(
     cfg.chmod(0o644)
     tcp = {"proto": "tcp", "family": 4, "address": "127.0.0.1"}
     rootd = holders([{**tcp, "port": root_port}], name=b"rootd")
-    env = {"PYTHONPATH": str(lib), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    d = watchers(cfg, prefix=DROP, python=SYSTEM_PYTHON, env=env, cwd="/", state_dir=work / "state")
+    env = {"PYTHONPATH": str(readable_tree), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    d = daemons(cfg, prefix=AS_NOBODY, python=python, env=env, cwd="/", state_dir=work / "state")
     taken = d.wait_event("reserved_port_taken", timeout=10, port=root_port)
     assert taken["verified"] is False and taken["unresolved"] == "permission_denied"
     assert taken["pid"] is None and taken["offender_pids"] == [] and taken["socket_uid"] == 0
@@ -560,8 +386,8 @@ def test_unprivileged_watcher_says_what_it_cannot_see(
     assert stdin["verified"] is False and stdin["unresolved"] == "permission_denied"
     assert bytes.fromhex(record["env"]["PORTWATCH_PID"]) == b""
 
-    squatter = holders([{**tcp, "port": nobody_port}], name=b"squat", prefix=DROP,
-                       python=SYSTEM_PYTHON, program=nobody_tree / "listener.py")
+    squatter = holders([{**tcp, "port": nobody_port}], name=b"squat", prefix=AS_NOBODY,
+                       python=python, program=readable_tree / "programs" / "listener.py")
     mine = d.wait_event("reserved_port_taken", port=nobody_port)
     assert mine["verified"] is True and mine["pid"] == squatter.pid and mine["comm"] == "squat"
     assert mine["user"] == "nobody" and mine["unresolved"] is None
@@ -575,11 +401,14 @@ def test_unprivileged_watcher_says_what_it_cannot_see(
     assert d.proc.poll() is None, d.stderr
 
     # Control: with root's view the same config finds the first squatter allowed.
-    root_view = watchers(cfg, state_dir=nobody_tree / "root-state")
+    root_view = daemons(cfg, state_dir=work / "root-state")
     root_view.wait_event("portwatch_started", timeout=10)
     root_view.wait_event("reserved_port_taken", port=nobody_port)
     assert root_view.count("reserved_port_taken", port=root_port) == 0
     # (root may still be refused a process, e.g. PID 1 of a sandbox; it then says so, without
-    # blaming capabilities it has)
-    assert all("CAP_" not in e["missing"] for e in root_view.events if e["event"] == "degraded")
+    # telling root to become root or to grant what it holds)
+    assert root_view.stop() == 0
+    for e in root_view.events:
+        if e["event"] == "degraded":
+            assert "run as root" not in e["missing"] and "grant" not in e["missing"], e
     assert rootd.proc.poll() is None

@@ -38,7 +38,7 @@ EVENTS = {
     "portwatch_started", "portwatch_stopping", "listener_opened", "listener_closed",
     "owner_changed", "reserved_port_taken", "hook_finished", "hook_failed", "hook_suppressed",
     "hook_dropped", "config_reloaded", "config_rejected", "degraded", "state_restored",
-    "state_reset", "scan_failed",
+    "state_reset", "scan_failed", "scan_recovered",
 }  # fmt: skip
 # A process may name itself anything, newlines and escape sequences included.
 HOSTILE_COMM = "ng\x1b[31minx\nPRIORITY=0\nMESSAGE_ID=00000000000000000000000000000000\n"

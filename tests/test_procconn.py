@@ -1,8 +1,8 @@
 """The proc connector, against real processes.
 
-What the kernel does here was checked on Linux 6.18 (see procconn's
-docstring): any user may listen since 6.6, and a listener in another pid or
-user namespace gets no acknowledgement.
+Who may subscribe differs between kernels and their builds, so what the
+kernel does here is probed once per run (tests/programs/connector_probe.py)
+and portwatch is checked against that, never against a version number.
 """
 
 from __future__ import annotations
@@ -11,27 +11,27 @@ import json
 import os
 import platform
 import selectors
-import shutil
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from portwatch.procconn import ProcConnector, parse_event
-from tests.conftest import ROOT
+from tests.conftest import AS_NOBODY, ROOT, DaemonProcess, Holder, python_for_nobody
 from tests.test_sockdiag import SECCOMP_NO_NETLINK
 
 Event = tuple[str, int]
 
 
 @pytest.fixture
-def conn() -> Iterator[ProcConnector]:
+def conn(kernel_connector: dict[str, str]) -> Iterator[ProcConnector]:
+    if kernel_connector["root"] != "events":  # test_open_does_what_the_kernel_allows checks that case
+        pytest.skip(f"this kernel gives root no process events ({kernel_connector['root']})")
     pc = ProcConnector.open()
     yield pc
     pc.close()
@@ -88,17 +88,15 @@ def test_fork_exec_exit_of_real_processes(conn: ProcConnector) -> None:
     assert {kind for kind, _ in seen} <= {"fork", "exec", "exit"}
 
 
-def test_fork_is_seen_within_a_second(conn: ProcConnector) -> None:
+def test_a_fork_wakes_the_reader(conn: ProcConnector) -> None:
+    """The socket becomes readable for a fork (collect waits on it in a selector)."""
     conn.read_events()
-    start = time.monotonic()
     pid = os.fork()
     if pid == 0:
         os._exit(0)
-    seen = collect(conn, {("fork", pid)}, timeout=1.0)
-    elapsed = time.monotonic() - start
+    seen = collect(conn, {("fork", pid)})
     os.waitpid(pid, 0)
     assert ("fork", pid) in seen
-    assert elapsed < 1.0
 
 
 def test_overrun_is_reported_then_events_resume(conn: ProcConnector) -> None:
@@ -121,34 +119,30 @@ def test_overrun_is_reported_then_events_resume(conn: ProcConnector) -> None:
 
 
 def test_read_events_never_blocks(conn: ProcConnector) -> None:
-    conn.read_events()
-    start = time.monotonic()
-    for _ in range(20):
-        conn.read_events()
-    assert time.monotonic() - start < 0.5
+    """The socket is non-blocking, so read_events returns what is there, [] when nothing is."""
+    assert not os.get_blocking(conn.fileno())
+    for _ in range(3):  # whatever the host is doing meanwhile, each call returns
+        assert isinstance(conn.read_events(), list)
 
 
-def test_close_twice() -> None:
-    pc = ProcConnector.open()
-    pc.close()
-    pc.close()
-    assert pc.fileno() == -1
+def test_close_twice(conn: ProcConnector) -> None:
+    conn.close()
+    conn.close()
+    assert conn.fileno() == -1
 
 
-def _kernel_at_least(major: int, minor: int) -> bool:
-    release = platform.release().split("-")[0].split(".")
-    return (int(release[0]), int(release[1])) >= (major, minor)
-
-
-# Opens the connector, forks, and reports whether the fork was seen.
+# Opens the connector the way the daemon does, forks, and says what happened: "events",
+# "no events", "timeout" (TimeoutError) or "errno ENAME" (any other OSError).
 _PROBE = r"""
-import os, selectors, sys, time
+import errno, os, selectors, sys, time
 from portwatch.procconn import ProcConnector
 try:
     pc = ProcConnector.open()
+except TimeoutError:
+    sys.exit(print("timeout"))
 except OSError as exc:
-    print(type(exc).__name__, exc.errno)
-    sys.exit()
+    assert str(exc), "an error that says nothing"
+    sys.exit(print("errno", errno.errorcode[exc.errno]))
 pid = os.fork()
 if pid == 0:
     os._exit(0)
@@ -165,46 +159,87 @@ else:
 pc.close()
 """
 
+# Where the kernel's answer differs between machines: who may subscribe, and from which namespace.
+CONTEXTS = {
+    "root": [],
+    "nobody": list(AS_NOBODY),
+    "pid namespace": ["unshare", "--pid", "--fork", "--kill-child=SIGTERM"],  # passes a stop on
+    "user namespace": ["unshare", "--user", "--map-root-user"],
+    "network namespace": ["unshare", "--net"],
+}
 
-@pytest.mark.root
-def test_unprivileged_user(readable_tree: Path) -> None:
-    """Without any capability: events since Linux 6.6, PermissionError before."""
-    assert os.geteuid() == 0, "this test drops privileges with setpriv and must start as root"
-    drop = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all",
-        "--bounding-set=-all",
-    ]
-    result = subprocess.run(
-        [*drop, _python_for_nobody(), "-c", _PROBE],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd="/",
-        env={"PYTHONPATH": str(readable_tree), "PATH": os.environ["PATH"]},
+
+def expected_from(kernel: str) -> str:
+    """What ProcConnector.open must make of what the kernel did (connector_probe.py's words)."""
+    if kernel == "events":
+        return "events"
+    if kernel == "ack, no events":
+        return "no events"
+    if kernel == "no ack":
+        return "timeout"  # never hand out pids the kernel did not promise
+    return "errno " + kernel.rsplit(" ", 1)[-1]  # the kernel's errno, whichever step gave it
+
+
+def run_in(context: str, tree: Path, *argv: str) -> subprocess.Popen[str]:
+    python = python_for_nobody() if context == "nobody" else sys.executable
+    return subprocess.Popen(
+        [*CONTEXTS[context], python, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd="/", env={"PYTHONPATH": str(tree), "PATH": os.environ["PATH"]},
     )
-    assert result.returncode == 0, result.stderr
-    expected = "events" if _kernel_at_least(6, 6) else "PermissionError 1"
-    assert result.stdout.strip() == expected
+
+
+def outcomes(started: dict[str, subprocess.Popen[str]]) -> dict[str, str]:
+    found = {}
+    for context, child in started.items():
+        out, err = child.communicate(timeout=30)
+        assert child.returncode == 0, f"{context}: {err}"
+        found[context] = out.strip()
+    return found
+
+
+@pytest.fixture(scope="session")
+def kernel_connector(readable_tree: Path) -> dict[str, str]:
+    """What the kernel does in each context, probed once per run by a client independent of portwatch."""
+    if os.geteuid() != 0:
+        pytest.fail("the probes drop privileges and make namespaces: run the suite as root")
+    probe = str(readable_tree / "programs" / "connector_probe.py")
+    return outcomes({context: run_in(context, readable_tree, probe) for context in CONTEXTS})
 
 
 @pytest.mark.root
-def test_refused_outside_the_initial_namespaces() -> None:
-    """In a child pid or user namespace open() fails (TimeoutError) instead of giving host pids."""
-    assert os.geteuid() == 0, "unshare needs root"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    children = [
-        subprocess.Popen([*unshare, sys.executable, "-c", _PROBE], stdout=subprocess.PIPE, text=True, env=env)
-        for unshare in (["unshare", "--pid", "--fork"], ["unshare", "--user", "--map-root-user"])
-    ]
-    for child in children:
-        out, _ = child.communicate(timeout=30)
-        assert child.returncode == 0
-        assert out.strip() == "TimeoutError 110"
+def test_open_does_what_the_kernel_allows(readable_tree: Path, kernel_connector: dict[str, str]) -> None:
+    """As root, as nobody, and in a child pid, user and network namespace: events where the
+    kernel delivers them; where it does not, the kernel's own error (EPERM, ECONNREFUSED, ...)
+    or TimeoutError for a subscription it never acknowledged, and never pids it did not promise."""
+    found = outcomes({context: run_in(context, readable_tree, "-c", _PROBE) for context in CONTEXTS})
+    expected = {context: expected_from(kernel) for context, kernel in kernel_connector.items()}
+    assert found == expected, f"kernel said {kernel_connector}"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("context", ["root", "nobody", "pid namespace", "user namespace"])
+def test_the_daemon_uses_events_where_the_kernel_gives_them(
+    context: str, kernel_connector: dict[str, str], readable_tree: Path, nobody_work: Path,
+    daemons: Callable[..., DaemonProcess], holders: Callable[..., Holder],
+) -> None:
+    """`portwatch run` says proc_events: true exactly where the kernel delivers events here;
+    elsewhere it polls, says why in proc_events_unavailable, and logs no error; either way it
+    reports a new listener."""
+    config = nobody_work / "pw.yaml"
+    config.write_text("interval: 0.2\n")
+    config.chmod(0o644)
+    python = python_for_nobody() if context == "nobody" else sys.executable
+    env = {"PYTHONPATH": str(readable_tree), "PATH": os.environ["PATH"]}
+    d = daemons(config, prefix=CONTEXTS[context], python=python, env=env, cwd="/",
+                state_dir=nobody_work / "state")
+    started = d.wait_event("portwatch_started", timeout=10)
+    if kernel_connector[context] == "events":
+        assert (started["proc_events"], started.get("proc_events_unavailable")) == (True, None)
+    else:
+        assert started["proc_events"] is False and started["proc_events_unavailable"]
+    holder = holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1"}])
+    d.wait_event("listener_opened", port=holder.port)
+    assert [e for e in d.events if e["level"] == "error"] == []
 
 
 def test_unavailable_when_netlink_is_forbidden() -> None:
@@ -220,7 +255,7 @@ def test_unavailable_when_netlink_is_forbidden() -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "OSError 97"
+    assert result.stdout.strip() == "errno EAFNOSUPPORT"
 
 
 def _message(what: int, a: int, b: int, *, c: int = 0, d: int = 0, idx: int = 1) -> bytes:
@@ -240,23 +275,3 @@ def test_parse_event() -> None:
     assert parse_event(_message(0x0, 0, 0)) is None  # an acknowledgement
     assert parse_event(_message(0x1, 10, 10, c=11, d=11, idx=2)) is None  # another connector
     assert parse_event(_message(0x1, 10, 10, c=11, d=11)[:50]) is None  # truncated
-
-
-def _python_for_nobody() -> str:
-    """An interpreter user 65534 can run (a pyenv under /root is not one)."""
-    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
-        path = Path(candidate)
-        if all(p.stat().st_mode & 0o001 for p in [path, *path.parents]):
-            return str(path)
-    pytest.fail("no Python interpreter that user 65534 may run")
-
-
-@pytest.fixture
-def readable_tree() -> Iterator[Path]:
-    """A copy of the package that user 65534 can read."""
-    tree = Path(tempfile.mkdtemp(prefix="portwatch-procconn-"))
-    shutil.copytree(ROOT / "portwatch", tree / "portwatch", ignore=shutil.ignore_patterns("__pycache__"))
-    for path in [tree, *tree.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    yield tree
-    shutil.rmtree(tree)

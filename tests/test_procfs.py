@@ -179,6 +179,9 @@ def test_cmdline() -> None:
     assert parse_cmdline(b"postgres: checkpointer ") == ("postgres: checkpointer ",)
     assert parse_cmdline(b"") == ()
     assert parse_cmdline(b"a\0\0b\0") == ("a", "", "b")
+    # nginx's worker as /proc shows it: the title, then the old argv area as NUL padding
+    assert parse_cmdline(b"nginx: worker process" + b"\0" * 27) == ("nginx: worker process",)
+    assert parse_cmdline(b"\0\0\0") == ()
 
 
 def test_status_uid() -> None:

@@ -25,13 +25,14 @@ from portwatch.proc import ProcFS
 from portwatch.procfd import single_threaded
 from portwatch.scan import RECHECK_TICKS, OwnerTracker, SocketLister, Source, full_scan
 from portwatch.sockdiag import list_listeners
-from tests.conftest import Holder
+from tests.conftest import Holder, wait_exited
 
 TCP4 = {"proto": "tcp", "family": 4, "address": "127.0.0.1"}
 
 # A process that takes commands on stdin and answers one JSON line each. It
 # forks a partner at start (an "old" process with no sockets to speak of);
-# `send` hands the listener to the partner over SCM_RIGHTS, which keeps it.
+# `send` hands the listener to the partner over SCM_RIGHTS, which keeps it,
+# and answers once the partner has it (until then it is only in flight).
 HELPER = r"""
 import json, os, signal, socket, sys
 mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -42,6 +43,7 @@ if partner == 0:
     while True:
         _msg, fds, _flags, _addr = socket.recv_fds(theirs, 16, 4)
         kept.extend(fds)
+        theirs.send(b"got")
 mine_only, limbo = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 listener = None
 def say(**kw):
@@ -57,6 +59,7 @@ for line in sys.stdin:
         say(inode=os.fstat(listener.fileno()).st_ino)
     elif cmd == "send":
         socket.send_fds(mine, [b"x"], [listener.fileno()])
+        mine.recv(16)
         say(sent=True)
     elif cmd == "close":
         listener.close()
@@ -130,14 +133,6 @@ def update(tracker: OwnerTracker, inodes: set[int], **kw: Any) -> Snapshot:
 
 def pids_of(snap: Snapshot, inode: int) -> set[int]:
     return set(snap.listeners[inode].pids)
-
-
-def zombie_or_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"  # the state follows "(comm)"
-    except FileNotFoundError:
-        return True
 
 
 def wait_for_comm(pid: int, comm: str) -> None:
@@ -227,10 +222,7 @@ def test_a_holder_closing_one_fd_or_exiting(early: bool) -> None:
         while (tracker._rechecks + 1) % RECHECK_TICKS == worker % RECHECK_TICKS:
             update(tracker, inodes)  # so that the next update re-reads one fd of the worker only
         os.kill(worker, signal.SIGUSR1)  # it exits (a zombie until the server reaps it)
-        deadline = time.monotonic() + 5
-        while not zombie_or_gone(worker):  # a zombie has closed all its fds
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        assert wait_exited(worker)  # a zombie has closed all its fds
         snap = update(tracker, inodes)
         assert {i: pids_of(snap, i) for i in inodes} == {i: {server} for i in inodes}
     finally:
@@ -261,10 +253,7 @@ def test_early_updates_read_only_the_hinted_processes(
     assert tracker.last.walked_pids == 3
     worker = old.children[0]
     os.kill(worker, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while not zombie_or_gone(worker):  # its fds are closed then
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert wait_exited(worker)  # its fds are closed then
     assert worker in pids_of(update(tracker, inodes, early=True), old.inode)
     assert pids_of(update(tracker, inodes), old.inode) == {old.pid}
 
@@ -439,12 +428,16 @@ def test_every_path_gives_identical_snapshots(holders: Callable[..., Holder]) ->
     netlink, proc = SocketLister(procfs, Source.NETLINK), SocketLister(procfs, Source.PROC)
     assert single_threaded()  # so the split walk below really forks
 
-    a, b = _stable(lambda: full_scan(procfs, netlink), lambda: full_scan(procfs, proc), mine)
+    def scan(lister: SocketLister, **kw: Any) -> Snapshot:
+        snap, unread = full_scan(procfs, lister, **kw)
+        assert unread == []
+        return snap
+
+    a, b = _stable(lambda: scan(netlink), lambda: scan(proc), mine)
     assert a == b
     assert set(a.listeners) == mine
     assert {len(x.processes) for x in a.listeners.values()} == {3, 1}
-    a, b = _stable(lambda: full_scan(procfs, netlink, workers=1),
-                   lambda: full_scan(procfs, netlink, workers=3), mine)
+    a, b = _stable(lambda: scan(netlink, workers=1), lambda: scan(netlink, workers=3), mine)
     assert a == b
 
     tracker = OwnerTracker(procfs)
@@ -453,7 +446,7 @@ def test_every_path_gives_identical_snapshots(holders: Callable[..., Holder]) ->
             table = netlink.list((Proto.TCP, Proto.UDP), (4, 6))
             return tracker.update(table.sockets, complete=table.complete)
 
-        a, b = _stable(tracked, lambda: full_scan(procfs, netlink), mine)
+        a, b = _stable(tracked, lambda: scan(netlink), mine)
         assert a == b
     finally:
         tracker.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from portwatch.events import change_event, describe, violation_event
-from portwatch.model import Listener, Process, Proto, Snapshot, Socket, Unresolved
+import pytest
+
+from portwatch.events import change_event, describe, status_line, violation_event
+from portwatch.model import Listener, Process, Proto, Snapshot, Socket, Unresolved, endpoint
 from portwatch.policy import Allow, PortRange, Rule, evaluate
-from portwatch.render import endpoint, listener_rows, table
+from portwatch.render import listener_rows, table
 from portwatch.snapshot import ChangeKind, build_snapshot, carry_forward, diff
 
 SSH = Socket(Proto.TCP, 4, "0.0.0.0", 22, 100, 0)
@@ -46,6 +48,17 @@ def test_diff_opened_closed_owner_changed() -> None:
     assert kinds == {(ChangeKind.OWNER_CHANGED, 200), (ChangeKind.OPENED, 300), (ChangeKind.CLOSED, 100)}
     changed = next(c for c in changes if c.kind is ChangeKind.OWNER_CHANGED)
     assert changed.before is not None and changed.before.pids == (10, 11)
+
+
+def test_a_restart_between_two_scans_closes_before_it_opens() -> None:
+    """The old socket on an address and port closed before the new one was bound: so the diff
+    says, whatever the order of the inodes."""
+    for old_inode, new_inode in ((100, 900), (900, 100)):
+        old = snap(Listener(SSH._replace(inode=old_inode), (proc(1, "sshd"),)))
+        new = snap(Listener(SSH._replace(inode=new_inode), (proc(2, "sshd"),)))
+        assert [(c.kind, c.listener.socket.inode) for c in diff(old, new)] == [
+            (ChangeKind.CLOSED, old_inode), (ChangeKind.OPENED, new_inode)
+        ]
 
 
 def test_incomplete_scan_closes_nothing() -> None:
@@ -93,10 +106,10 @@ def test_change_event_carries_previous_pids() -> None:
 
 def test_endpoint_text() -> None:
     """Wildcards print as ss prints them; IPv6 is bracketed."""
-    assert endpoint(SSH) == "*:22"
-    assert endpoint(WEB) == "[::]:80"
-    assert endpoint(Socket(Proto.TCP, 6, "::ffff:127.0.0.1", 5432, 1, 0)) == "[::ffff:127.0.0.1]:5432"
-    assert endpoint(Socket(Proto.UDP, 4, "127.0.0.53", 53, 1, 0)) == "127.0.0.53:53"
+    assert endpoint(SSH.address, SSH.port) == "*:22"
+    assert endpoint(WEB.address, WEB.port) == "[::]:80"
+    assert endpoint("::ffff:127.0.0.1", 5432) == "[::ffff:127.0.0.1]:5432"
+    assert endpoint("127.0.0.53", 53) == "127.0.0.53:53"
 
 
 def test_table_escapes_and_aligns() -> None:
@@ -110,3 +123,48 @@ def test_table_escapes_and_aligns() -> None:
     assert "(no_process)" in lines[2] and "www-data" in lines[2]
     # Columns line up: the PID column starts at the same offset in the header and the row.
     assert lines[1][lines[0].index("PID"):].startswith("5 ")
+
+
+def test_messages_name_the_offenders_not_the_first_holder() -> None:
+    """A socket held by PID 1 (disallowed) and sshd (allowed): the message blames PID 1 alone and
+    says the other holder is allowed; two offenders are both named; IPv6 is written [::1]:22."""
+    systemd = Process(1, "systemd", "/usr/lib/systemd/systemd", (), 0, "root", "init.scope")
+    sshd = Process(172, "sshd", "/usr/sbin/sshd", (), 0, "root", "ssh.service")
+    ssh6 = Socket(Proto.TCP, 6, "::1", 22, 300, 0)
+    rule = Rule("ssh", (PortRange(22, 22),), allow=(Allow(unit="ssh.service"),))
+    violation = evaluate(rule, Listener(ssh6, (systemd, sshd)))
+    assert violation is not None
+    text = describe(*violation_event(violation, at_startup=False))
+    assert text == ("reserved port tcp/[::1]:22 (rule ssh) taken by systemd[1] user root unit init.scope; "
+                    "also held by allowed pids 172")
+    two = evaluate(rule, Listener(SSH, (systemd, proc(9, "intruder"))))
+    assert two is not None
+    assert describe(*violation_event(two, at_startup=False)) == (
+        "reserved port tcp/*:22 (rule ssh) taken by systemd[1] user root unit init.scope "
+        "and 1 more it does not allow (pids 9)")
+
+
+@pytest.mark.parametrize(
+    ("event", "fields", "says"),
+    [
+        ("listener_opened", {"proto": "tcp", "address": "::1", "port": 8080, "pid": 5, "comm": "x",
+                             "pids": [5, 6]}, "new listener tcp/[::1]:8080 held by x[5] and 1 more"),
+        ("hook_suppressed", {"hook": "page", "rule": "ssh", "port": 22, "until": 41.5},
+         "hook page for rule ssh port 22 not run again: cool-down, 41.5 s left"),
+        ("hook_dropped", {"hook": "page", "rule": "ssh", "port": 22, "reason": "queue full"},
+         "hook page for rule ssh port 22 dropped: queue full"),
+        ("state_restored", {"path": "/var/lib/portwatch/state.json", "listeners": 12,
+                            "saved_at": "2026-12-04T10:00:00+00:00"},
+         "state restored from /var/lib/portwatch/state.json: 12 listeners as saved at 2026-12-04T10:00:00+00:00"),
+        ("scan_failed", {"error": "/proc/self/net/tcp: Permission denied", "partial": True},
+         "scan partly failed, nothing is reported closed until it succeeds: /proc/self/net/tcp: Permission denied"),
+        ("scan_recovered", {"error": "x"}, "scans whole again (after: x)"),
+    ],
+)
+def test_every_message_carries_its_details(event: str, fields: dict[str, object], says: str) -> None:
+    assert describe(event, dict(fields)) == says
+
+
+def test_status_line_counts_in_words() -> None:
+    assert status_line(1, 1, "10:00:00 UTC") == "watching 1 listener, 1 reserved port taken, last scan 10:00:00 UTC"
+    assert status_line(12, 0, "t") == "watching 12 listeners, 0 reserved ports taken, last scan t"

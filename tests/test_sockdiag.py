@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from portwatch import sockdiag
 from portwatch.model import Proto, Socket
 from portwatch.proc import ProcFS
 from portwatch.sockdiag import SockDiagUnavailable, list_listeners
-from tests.conftest import ROOT, Holder
+from tests.conftest import AS_NOBODY, ROOT, Holder, python_for_nobody
 
 
 def _inode(sock: socket.socket) -> int:
@@ -254,15 +252,14 @@ def test_same_listeners_as_proc(opened: Callable[..., socket.socket]) -> None:
 def test_uid_of_another_users_listener(holders: Callable[..., Holder], readable_tree: Path) -> None:
     """The uid is the socket owner's, here nobody's (65534), as /proc shows it."""
     assert os.geteuid() == 0, "this test drops privileges with setpriv and must start as root"
-    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
     holder = holders(
         [
             {"proto": "tcp", "family": 6, "address": "::1"},
             {"proto": "udp", "family": 4, "address": "127.0.0.1"},
         ],
-        prefix=drop,
-        python=_python_for_nobody(),
-        program=readable_tree / "listener.py",
+        prefix=AS_NOBODY,
+        python=python_for_nobody(),
+        program=readable_tree / "programs" / "listener.py",
     )
     tcp, udp = holder.sockets
     listed = {s.inode: s for s in list_listeners()}
@@ -422,24 +419,3 @@ print("proc:", ProcFS().read_sockets().complete)
     assert lines[0].startswith("unavailable: cannot open a NETLINK_SOCK_DIAG socket:")
     assert "EAFNOSUPPORT" in lines[0]
     assert lines[1] == "proc: True"
-
-
-def _python_for_nobody() -> str:
-    """An interpreter user 65534 can run (a pyenv under /root is not one)."""
-    for candidate in (os.path.realpath(sys.executable), "/usr/bin/python3"):
-        path = Path(candidate)
-        if all(p.stat().st_mode & 0o001 for p in [path, *path.parents]):
-            return str(path)
-    pytest.fail("no Python interpreter that user 65534 may run")
-
-
-@pytest.fixture
-def readable_tree() -> Iterator[Path]:
-    """A copy of the package and listener.py that user 65534 can read."""
-    tree = Path(tempfile.mkdtemp(prefix="portwatch-sockdiag-"))
-    shutil.copytree(ROOT / "portwatch", tree / "portwatch", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "tests" / "programs" / "listener.py", tree / "listener.py")
-    for path in [tree, *tree.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    yield tree
-    shutil.rmtree(tree)

@@ -150,7 +150,7 @@ def _children() -> list[str]:
 # A wrapper that becomes the subreaper of what it runs, so a helper the command leaves
 # behind becomes its child; it prints the exit status and how many such children it has.
 SUBREAPER = r"""
-import ctypes, os, subprocess, sys, time
+import ctypes, os, subprocess, sys
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
 cmd = subprocess.Popen(sys.argv[2:], stdout=subprocess.PIPE if sys.argv[1] == "read" else subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
@@ -158,10 +158,9 @@ if sys.argv[1] == "read":
     cmd.stdout.read(10)
     cmd.stdout.close()  # the reader leaves early: `portwatch list | head -c 10`
 status = cmd.wait()
-time.sleep(0.2)
-me = str(os.getpid())
-left = [p for p in os.listdir("/proc") if p.isdigit()
-        and open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1] == me]
+# A helper orphaned by the command's exit was made our child before that exit could be waited for.
+left = [pid for task in os.listdir("/proc/self/task")
+        for pid in open(f"/proc/self/task/{task}/children").read().split()]
 print(status, len(left))
 """
 
