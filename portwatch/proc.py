@@ -19,8 +19,6 @@ from portwatch.model import Process, Proto, Socket
 from portwatch.procfd import (
     DEFAULT_ROOT,
     ProcessFiles,
-    ProcessGone,
-    gone_or_denied,
     list_pids,
     open_fd_dir,
     process_files,
@@ -34,7 +32,6 @@ from portwatch.procfs import (
     parse_comm,
     parse_last_pid,
     parse_net_table,
-    parse_socket_link,
     parse_status_capabilities,
     parse_status_uid,
 )
@@ -68,8 +65,6 @@ class ProcFS:
         self.root = root
         self.byteorder: ByteOrder = byteorder or ("little" if sys.byteorder == "little" else "big")
         self._users: dict[int, str | None] = {}
-        # fd links read so far (listed or re-checked), for the benchmark and debug logs.
-        self.links_read = 0
 
     # -- socket tables -------------------------------------------------------
 
@@ -128,19 +123,15 @@ class ProcFS:
 
     def socket_fds(self, pid: int) -> dict[int, int]:
         """{fd: socket inode} for every socket fd of `pid`. Raises ProcessGone or AccessDenied."""
-        found, links = socket_fds(self.root, pid)
-        self.links_read += links
-        return found
+        return socket_fds(self.root, pid)[0]
 
     def open_fd_dir(self, pid: int) -> int:
         """A directory fd on /proc/<pid>/fd: see procfd.open_fd_dir."""
         return open_fd_dir(self.root, pid)
 
-    def socket_fds_at(self, dfd: int, wanted: Container[int] | None = None) -> dict[int, int]:
-        """{fd: socket inode} through a directory fd from `open_fd_dir`: see procfd.socket_fds_at."""
-        found, links = socket_fds_at(dfd, wanted)
-        self.links_read += links
-        return found
+    def socket_fds_at(self, dfd: int, wanted: Container[int] | None = None) -> tuple[dict[int, int], int]:
+        """({fd: socket inode}, fd links read) through a directory fd: see procfd.socket_fds_at."""
+        return socket_fds_at(dfd, wanted)
 
     def stale_fds(self, pid: int, dfd: int, links: Mapping[bytes, int]) -> list[bytes]:
         """The fds (names) in `links` that no longer hold the socket given.
@@ -152,21 +143,11 @@ class ProcFS:
         `open_fd_dir`, or -1 to go by path.
         """
         readlink = os.readlink
+        prefix, dir_fd = (b"", dfd) if dfd >= 0 else (os.fsencode(f"{self.root}/{pid}/fd/"), None)
         stale: list[bytes] = []
-        self.links_read += len(links)
-        if dfd >= 0:
-            for name, inode in links.items():
-                try:
-                    if readlink(name, dir_fd=dfd) == b"socket:[%d]" % inode:
-                        continue
-                except OSError:
-                    pass
-                stale.append(name)
-            return stale
-        base = os.fsencode(f"{self.root}/{pid}/fd/")
         for name, inode in links.items():
             try:
-                if readlink(base + name) == b"socket:[%d]" % inode:
+                if readlink(prefix + name, dir_fd=dir_fd) == b"socket:[%d]" % inode:
                     continue
             except OSError:
                 pass
@@ -187,16 +168,6 @@ class ProcFS:
             return os.stat(f"{self.root}/{pid}").st_uid
         except OSError:
             return None
-
-    def fd_inode(self, pid: int, fd: int) -> int | None:
-        """The socket inode behind one fd now, or None when it is closed or not a socket."""
-        try:
-            return parse_socket_link(os.readlink(f"{self.root}/{pid}/fd/{fd}"))
-        except OSError as exc:
-            err = gone_or_denied(exc)
-            if isinstance(err, ProcessGone):
-                return None
-            raise err from None
 
     def process(self, pid: int) -> Process | None:
         """Who `pid` is: comm, exe, cmdline, uid, user, unit. None when it has exited.

@@ -3,37 +3,52 @@
 Two ways to find holders:
 - `full_scan` walks every process's fds once (portwatch.walk); the one-shot
   CLI views use it because they must name every owner of every socket.
-- `OwnerTracker` is the daemon's: it remembers which (pid, fd) held which
-  listening inode and re-checks those (one readlink each, through a
-  directory fd kept open per holder: every fd of a holder once per
-  RECHECK_TICKS updates, and at the others one fd, enough to see an exit),
-  reads the fds of processes that are new since the last tick, and
-  searches the others only when an inode appears that none of that
-  explains: recently started processes first, then those of the socket's
-  uid, stopping as soon as every new inode is found. Inodes no process
-  holds are remembered, so they do not cause a search every tick. A slow
-  rotation over all processes (each once per 60 updates) catches a socket
-  handed to a process that already existed (SCM_RIGHTS) while its sender
-  keeps it too, and refreshes cached process details (a holder renaming
-  itself).
+- `OwnerTracker` is the daemon's, and what keeps a tick cheap on a host with
+  hundreds of thousands of fds:
+  - listeners come from sock_diag, which filters by state in the kernel, so
+    established connections cost nothing;
+  - it remembers which (pid, fd) held which listening inode
+    (portwatch.holders) and re-checks those with one readlink each, through
+    a directory fd kept open per holder: every fd of a holder once per
+    RECHECK_TICKS ticks, one fd at the others, which is enough to see an
+    exit;
+  - it reads the fds of processes that are new since the last tick, and
+    lists /proc only when /proc/loadavg says a pid was given out;
+  - it searches the other processes only when an inode appears that none
+    of that explains: recently started processes first, then those of the
+    socket's uid, stopping as soon as every new inode is found; inodes no
+    process holds (kernel sockets) are remembered, so they never cause a
+    search again;
+  - a slow rotation reads every other process once per 60 ticks: it catches
+    a socket handed to a process that already existed (SCM_RIGHTS) while its
+    sender keeps it too, and refreshes cached details (a holder renaming
+    itself);
+  - a tick that changed nothing hands back the very same snapshot, so the
+    daemon's diff costs nothing.
+  The decisions (which fds, which processes, in what order) are pure, in
+  portwatch.holders and portwatch.schedule; this module does the reading.
 """
 
 from __future__ import annotations
 
 import errno
-import operator
 import os
 import resource
-import time
 from collections.abc import Callable, Iterable
 from enum import StrEnum
+from typing import NamedTuple
 
 from portwatch import sockdiag
-from portwatch.model import Listener, Process, Proto, Snapshot, Socket
+from portwatch.holders import HolderIndex
+from portwatch.model import Process, Proto, Snapshot, Socket
 from portwatch.proc import ProcFS, TableRead
 from portwatch.procfd import AccessDenied, ProcessGone
-from portwatch.snapshot import build_snapshot
+from portwatch.procfs import ProcParseError
+from portwatch.schedule import Recency, RecheckTurns, Rotation, search_order
+from portwatch.snapshot import build_snapshot, rebuild_snapshot
 from portwatch.walk import Walk
+
+FAMILIES = (4, 6)
 
 
 class Source(StrEnum):
@@ -105,52 +120,107 @@ def full_scan(
     return snap, table.errors
 
 
-# -- the daemon's incremental resolution ---------------------------------------
+# -- the daemon's scans -------------------------------------------------------------
 
 
-class TickStats:
-    """What one tracker update did and cost (seconds of wall time), for the benchmark and debug logs."""
+class ScanResult(NamedTuple):
+    """A snapshot (None when the listing failed), and why the scan was not whole."""
 
-    __slots__ = (
-        "full_walk", "links_read", "listed_pids", "rebuilt", "recheck_s", "rechecked_fds", "rotate_s",
-        "search_s", "snapshot_s", "total_s", "walked_pids",
-    )
-
-    def __init__(self) -> None:
-        self.rechecked_fds = 0  # holder fds re-checked with one readlink each
-        self.walked_pids = 0  # processes whose fd directory was read whole
-        self.links_read = 0  # fd links read, re-checks included: the syscalls that cost
-        self.full_walk = False  # an inode nothing explained made us search old processes
-        self.listed_pids = False  # /proc was listed (something was forked since the last tick)
-        self.rebuilt = 0  # listeners built anew (the rest were carried over unchanged)
-        self.recheck_s = 0.0
-        self.search_s = 0.0  # new and hinted processes, and the search for unexplained inodes
-        self.rotate_s = 0.0
-        self.snapshot_s = 0.0
-        self.total_s = 0.0
-
-    def __repr__(self) -> str:
-        return "TickStats(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+    snapshot: Snapshot | None
+    error: str | None = None
+    partial: bool = False  # some tables were read, others not
 
 
-class _Holder:
-    """The listening sockets one process holds, as fd name -> socket inode.
+class Scanner:
+    """The daemon's scans: list the sockets, resolve their owners (OwnerTracker).
 
-    Inodes rather than the link text a re-check compares readlink's answer
-    with: formatting `socket:[N]` at each re-check costs less than keeping
-    that text for every holder fd (a megabyte on a large host).
+    A listener whose every holder vanished during the scan may simply have
+    closed after the listing: it is listed again and, if gone, left out (the
+    next scan reports it closed) rather than reported as owned by nobody.
+    A refused forced netlink source raises SockDiagUnavailable; other
+    failures are in the result.
     """
 
-    __slots__ = ("dfd", "links")
+    def __init__(self, procfs: ProcFS, source: Source = Source.AUTO) -> None:
+        self.lister = SocketLister(procfs, source)
+        self.tracker = OwnerTracker(procfs)
 
-    def __init__(self, dfd: int) -> None:
-        self.dfd = dfd  # a directory fd on /proc/<pid>/fd, or -1 (re-check by path)
-        self.links: dict[bytes, int] = {}
+    def scan(
+        self, previous: Snapshot | None, protocols: Iterable[Proto], *, hints: Iterable[int] = (),
+        on_progress: Callable[[], None] | None = None,
+    ) -> ScanResult:
+        """A regular scan (see OwnerTracker.update)."""
+        return self._scan(previous, tuple(protocols), hints, on_progress, self.tracker.update)
 
-    def inodes(self) -> set[int]:
-        return set(self.links.values())
+    def scan_early(
+        self, previous: Snapshot | None, protocols: Iterable[Proto], *, hints: Iterable[int],
+        on_progress: Callable[[], None] | None = None,
+    ) -> ScanResult:
+        """A scan of the processes that just started (see OwnerTracker.update_early)."""
+        return self._scan(previous, tuple(protocols), hints, on_progress, self.tracker.update_early)
+
+    @property
+    def active_source(self) -> str:
+        return self.lister.active_source
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.lister.fallback_reason
+
+    @property
+    def searched(self) -> bool:
+        """The last scan had to read old processes (a search, or the first scan)."""
+        return self.tracker.searched
+
+    def forget_processes(self, pids: Iterable[int]) -> None:
+        self.tracker.forget_processes(pids)
+
+    def capabilities(self) -> int | None:
+        """The effective capabilities this process reads /proc with."""
+        return self.lister.procfs.own_capabilities()
+
+    def close(self) -> None:
+        self.tracker.close()
+
+    def _scan(
+        self, previous: Snapshot | None, protocols: tuple[Proto, ...], hints: Iterable[int],
+        on_progress: Callable[[], None] | None, resolve: Callable[..., Snapshot],
+    ) -> ScanResult:
+        try:
+            table = self.lister.list(protocols, FAMILIES)
+        except (ProcParseError, OSError) as exc:
+            return ScanResult(None, str(exc))
+        snap = resolve(table.sockets, complete=table.complete, hint_pids=hints, on_progress=on_progress)
+        snap = self._without_closed_meanwhile(previous, snap, protocols)
+        return ScanResult(snap, "; ".join(table.errors) or None, partial=bool(table.errors))
+
+    def _without_closed_meanwhile(
+        self, previous: Snapshot | None, snap: Snapshot, protocols: tuple[Proto, ...]
+    ) -> Snapshot:
+        if previous is None:
+            return snap
+        lost = [i for i, x in snap.listeners.items()
+                if not x.processes and (p := previous.listeners.get(i)) is not None and p.processes]
+        if not lost:
+            return snap
+        try:
+            again = self.lister.list(protocols, FAMILIES)
+        except (ProcParseError, OSError):
+            return snap
+        if not again.complete:
+            return snap
+        gone = set(lost).difference(s.inode for s in again.sockets)
+        if not gone:
+            return snap
+        kept = {i: x for i, x in snap.listeners.items() if i not in gone}
+        return Snapshot(kept, complete=snap.complete, denied_pids=snap.denied_pids)
 
 
+# -- the daemon's incremental resolution ---------------------------------------
+
+# Leave this share of RLIMIT_NOFILE (at least 256 fds) to the rest of the daemon.
+_FD_RESERVE = 4
+_PROGRESS_EVERY = 256  # processes read between two on_progress calls
 _FD_NAMES: dict[int, bytes] = {}
 
 
@@ -164,493 +234,264 @@ def _fd_name(fd: int) -> bytes:
     return name
 
 
-# Processes first seen within this many ticks are searched first for a new inode.
-RECENT_TICKS = 120
-# Every fd of a holder is re-checked once per this many ticks, one of them at the others: a
-# holder's exit is still seen at the next tick, and an fd closed by a running holder (an owner
-# set shrinking, rare) within 4; the re-check, over half of a quiet tick, costs a quarter as much.
-RECHECK_TICKS = 4
-# Leave this share of RLIMIT_NOFILE (at least 256 fds) to the rest of the daemon.
-_FD_RESERVE = 4
-_PROGRESS_EVERY = 256  # processes walked between two on_progress calls
-_PID_COST = 8  # a process costs about as much as this many fds to open, list and close
+class DirFds:
+    """Directory fds on /proc/<pid>/fd kept open for holders, within RLIMIT_NOFILE.
+
+    A kept fd is bound to its process: once it exits, every read through it
+    fails, even if the pid is reused. Past the budget a holder is read by path.
+    """
+
+    def __init__(self, procfs: ProcFS) -> None:
+        self.procfs = procfs
+        self._kept: dict[int, int] = {}  # pid -> directory fd
+        self._cap: int | None = None  # lowered once the process ran out of fds
+
+    def get(self, pid: int) -> int:
+        """The kept fd of `pid`, or -1."""
+        return self._kept.get(pid, -1)
+
+    def open(self, pid: int) -> int:
+        """A new directory fd on `pid` (ProcessGone, AccessDenied); out of fds, give kept ones back."""
+        try:
+            return self.procfs.open_fd_dir(pid)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._kept:
+                raise
+        self._cap = len(self._kept) // 2
+        self.close_all()
+        return self.procfs.open_fd_dir(pid)
+
+    def keep(self, pid: int, dfd: int) -> None:
+        """Keep `dfd` for `pid` if the budget allows, else close it."""
+        if len(self._kept) < self._budget():
+            self._kept[pid] = dfd
+        else:
+            os.close(dfd)
+
+    def close(self, pid: int) -> None:
+        dfd = self._kept.pop(pid, -1)
+        if dfd >= 0:
+            os.close(dfd)
+
+    def close_all(self) -> None:
+        for dfd in self._kept.values():
+            os.close(dfd)
+        self._kept.clear()
+
+    def _budget(self) -> int:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        budget = max(0, soft - max(256, soft // _FD_RESERVE))
+        return budget if self._cap is None else min(budget, self._cap)
 
 
 class OwnerTracker:
     """Incremental owner resolution for the daemon (see the module docstring).
 
-    Keeps one directory fd open per holding process (within RLIMIT_NOFILE:
-    raise the soft limit to serve big hosts); `close()` releases them.
+    `update` for a regular tick, `update_early` while processes start (only
+    the hinted ones are read). Keeps one directory fd open per holder (raise
+    RLIMIT_NOFILE's soft limit to serve big hosts); `close()` releases them.
+    `searched` says whether the last update had to read old processes.
     """
 
-    # 60: at 30 the rotation was a third of a quiet tick's cost, for changes that are rare
-    # (a handover while the sender keeps the socket is the only owner change left to it).
     def __init__(self, procfs: ProcFS, *, rotation_ticks: int = 60) -> None:
         self.procfs = procfs
-        self.rotation_ticks = max(1, rotation_ticks)
-        self._holders: dict[int, _Holder] = {}  # pid -> its listening fds
-        # inode -> its holder's pid, or a tuple of them when there are several (memory: most
-        # sockets have one holder, and a set would cost 200 bytes each)
-        self._held: dict[int, int | tuple[int, ...]] = {}
-        self._known_pids: set[int] = set()
+        self.index = HolderIndex()
+        self.dirs = DirFds(procfs)
+        self.rotation = Rotation(rotation_ticks)
+        self.recency = Recency()
+        self.turns = RecheckTurns()
+        self.searched = False
+        self._known: set[int] = set()  # every process seen at the last listing
         self._last_pid: int | None = None  # /proc/loadavg's, at the last listing of /proc
-        # pid -> the last tick it started, was hinted, or opened a listener: where new listeners appear
-        self._recent: dict[int, int] = {}
         self._unresolved: set[int] = set()  # inodes a search found no holder for
+        self._denied: set[int] = set()
         self._processes: dict[int, Process] = {}  # details of holders
         self._refresh: set[int] = set()  # holders whose details must be read again
-        self._denied: set[int] = set()
-        self._slots: list[set[int]] = [set() for _ in range(self.rotation_ticks)]  # the rotation
-        self._slot_of: dict[int, int] = {}
-        self._weight: dict[int, int] = {}  # pid -> what reading it cost last time (fds + a bit)
-        self._load: list[int] = [0] * self.rotation_ticks  # the sum of the weights in each slot
-        self._next_slot = 0
-        self._dirty: set[int] = set()  # inodes whose Listener must be built anew
-        self._vanished: set[int] = set()  # listed this tick, but closed before their holder was found
+        self._inodes: list[int] = []  # of the last listing, in its order
         self._snapshot: Snapshot | None = None
-        self._last_sockets: list[Socket] = []
-        self._last_listening: set[int] = set()
         self._tick = 0
-        self._rechecks = 0  # regular updates only: early ones skip the re-check, so they must not skip turns
-        self._dir_fds = 0
-        self._dir_fd_cap: int | None = None  # lowered once the process ran out of fds
-        self.last = TickStats()
 
-    # -- public --------------------------------------------------------------
+    def update(
+        self, sockets: list[Socket], *, complete: bool, hint_pids: Iterable[int] = (),
+        on_progress: Callable[[], None] | None = None,
+    ) -> Snapshot:
+        """A regular tick: re-check known holders, read new and hinted processes, search for
+        what is still unexplained, take a rotation step; the snapshot of `sockets`.
+
+        `on_progress` is called every few hundred processes of a long walk (the watchdog).
+        """
+        listening, same = self._listing(sockets)
+        self._recheck()
+        last_pid = self.procfs.last_pid()
+        if last_pid is None or last_pid != self._last_pid:
+            # A pid was given out since the last listing: there may be new processes. (Exits
+            # need no listing: a holder's re-check fails, others are forgotten when the
+            # rotation or the next listing meets them.)
+            current = set(self.procfs.pids())
+            for pid in self._known - current:
+                self._forget(pid)
+            self._last_pid = last_pid
+        else:
+            current = self._known
+        walked = self._resolve(current, hint_pids, sockets, listening, on_progress)
+        self._rotate(current, listening, walked, on_progress)
+        return self._finish(sockets, complete, same)
+
+    def update_early(
+        self, sockets: list[Socket], *, complete: bool, hint_pids: Iterable[int],
+        on_progress: Callable[[], None] | None = None,
+    ) -> Snapshot:
+        """An extra tick while processes start: only the hinted ones (the proc connector's forks
+        and execs) are read. The re-check, the listing of /proc and the rotation wait for the
+        next regular tick, so early ticks stay cheap on a large host."""
+        listening, same = self._listing(sockets)
+        self._resolve(self._known.union(hint_pids), hint_pids, sockets, listening, on_progress)
+        return self._finish(sockets, complete, same)
 
     def forget_processes(self, pids: Iterable[int]) -> None:
         """Read these processes' details again (after exec) at the next update."""
         for pid in pids:
-            holder = self._holders.get(pid)
-            if holder is not None:
+            if self.index.holds(pid):
                 self._refresh.add(pid)
-                self._dirty.update(holder.inodes())
 
     def close(self) -> None:
         """Release the kept directory fds. The tracker can still be used (it reopens them)."""
-        for holder in self._holders.values():
-            self._close_dir(holder)
+        self.dirs.close_all()
 
-    def __enter__(self) -> OwnerTracker:
-        return self
+    # -- the steps of an update ---------------------------------------------------------
 
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def update(
-        self,
-        sockets: list[Socket],
-        *,
-        complete: bool,
-        hint_pids: Iterable[int] = (),
-        on_progress: Callable[[], None] | None = None,
-        relist: Callable[[], Iterable[int]] | None = None,
-        early: bool = False,
-    ) -> Snapshot:
-        """Resolve the holders of `sockets` (this tick's listing) and return the snapshot.
-
-        `hint_pids`: processes to read whole now (the proc connector's forks
-        and execs). `on_progress` is called every few hundred processes of a
-        long walk (the watchdog). `relist`, when given, lists the listening
-        inodes again; it is called before searching old processes for an
-        inode, so a listener that closed since `sockets` were listed (a
-        short-lived process that exited) does not cost a walk of every
-        process. `early=True` is for the extra updates run while processes
-        start, to catch their listeners: only the hinted processes are read,
-        and the re-check of known holders, the listing of /proc and the
-        rotation step wait for the next regular update (so early updates stay
-        cheap on a large host, and the rotation keeps the regular pace).
-        """
-        clock = time.perf_counter
-        start = clock()
-        stats = TickStats()
-        links_before = self.procfs.links_read
+    def _listing(self, sockets: list[Socket]) -> tuple[set[int], bool]:
+        """The listening inodes, and whether they are those of the last listing."""
         self._tick += 1
-        # sock_diag hands back the very Socket objects of the last listing when nothing changed:
-        # then the set of inodes, the check for closed listeners and the snapshot are the last ones.
-        last = self._last_sockets
-        same = len(sockets) == len(last) and all(map(operator.is_, sockets, last))
-        listening = self._last_listening if same else {s.inode for s in sockets if s.inode}
-        self._last_sockets, self._last_listening = list(sockets), listening  # a copy: callers may reuse lists
+        self.searched = self._tick == 1
+        inodes = [s.inode for s in sockets]
+        same = inodes == self._inodes
+        self._inodes = inodes
+        listening = {i for i in inodes if i}
         if not same:
-            self._drop_closed(listening)
-        if not early:
-            self._recheck(stats)
-        t_recheck = clock()
+            self.index.keep_listening(listening)
+            self._unresolved &= listening
+        return listening, same
 
-        if early:  # the hinted pids are the new processes; exits are noticed by the next regular update
-            current = self._known_pids.union(hint_pids)
-        else:
-            last_pid = self.procfs.last_pid()
-            if last_pid is not None and last_pid == self._last_pid:
-                # No pid was given out since the last listing, so there is no new process (a
-                # wrap back to the same pid within one interval would take millions of forks).
-                # Exits need no listing: a holder's re-check fails, others are forgotten when
-                # the rotation or the next listing meets them.
-                current = self._known_pids
-            else:
-                current = set(self.procfs.pids())
-                stats.listed_pids = True
-                for pid in self._known_pids - current:
-                    self._forget_pid(pid)
-            self._last_pid = last_pid
-        new = current - self._known_pids
+    def _recheck(self) -> None:
+        """Drop the holder fds that changed (closed, exited, replaced): see schedule.RecheckTurns."""
+        turn = self.turns.next()
+        for pid in list(self.index.pids()):
+            fds = self.index.fds(pid)
+            dfd = self.dirs.get(pid)
+            if len(fds) > 1 and not self.turns.whole(pid, turn):
+                first = next(iter(fds))
+                if not self.procfs.stale_fds(pid, dfd, {first: fds[first]}):
+                    continue  # one fd is enough to see an exit
+            stale = self.procfs.stale_fds(pid, dfd, fds)
+            if stale:
+                self.index.drop_fds(pid, stale)
+                self._let_go(pid)
+
+    def _resolve(
+        self, current: set[int], hint_pids: Iterable[int], sockets: list[Socket], listening: set[int],
+        on_progress: Callable[[], None] | None,
+    ) -> set[int]:
+        """Read new and hinted processes, then search the rest for inodes still unexplained."""
+        new = current - self._known
         hinted = current.intersection(hint_pids)
         if self._tick > 1:  # at the first update everything is new, and nothing is recent
-            for pid in new | hinted:
-                self._recent[pid] = self._tick
+            self.recency.note(new | hinted, self._tick)
         walked: set[int] = set()
-        # New processes first: forked workers inherit listeners, new servers open them.
-        self._walk(new | hinted, listening, walked, stats, on_progress)
-        stats.full_walk = self._tick == 1
-        missing = listening - self._held.keys() - self._unresolved
+        self._read_all(new | hinted, listening, walked, on_progress)  # forked workers, new servers
+        missing = listening.difference(self.index.held_inodes(), self._unresolved)
         if missing:
-            stats.full_walk = True
-            self._search(
-                missing=missing, sockets=sockets, candidates=current - walked, listening=listening,
-                walked=walked, stats=stats, on_progress=on_progress, relist=relist,
-            )
-        self._unresolved &= listening
-        t_search = clock()
-
-        if not early:
-            self._rotate(current, walked, listening, stats, on_progress)
-        self._known_pids = current
+            self.searched = True
+            uids = {s.uid for s in sockets if s.inode in missing}
+            for pid in search_order(current - walked, self.recency, uids, self.procfs.owner_uid):
+                self._read_all((pid,), listening, walked, on_progress)
+                missing -= self.index.inodes_of(pid)
+                if not missing:
+                    break
+            self._unresolved |= missing
+        self._known = current
         self._denied &= current
-        if self._recent and self._tick % 10 == 0:
-            oldest = self._tick - RECENT_TICKS
-            self._recent = {p: t for p, t in self._recent.items() if t > oldest}
-        t_rotate = clock()
+        if self._tick % 10 == 0:
+            self.recency.expire(self._tick)
+        return walked
 
-        if self._vanished:
-            sockets = [s for s in sockets if s.inode not in self._vanished]
-            self._vanished.clear()
-            same = False
-        snap = self._build(sockets, complete, stats, same=same)
-        end = clock()
-        stats.links_read = self.procfs.links_read - links_before
-        stats.recheck_s = t_recheck - start
-        stats.search_s = t_search - t_recheck
-        stats.rotate_s = t_rotate - t_search
-        stats.snapshot_s = end - t_rotate
-        stats.total_s = end - start
-        self.last = stats
-        return snap
+    def _rotate(
+        self, current: set[int], listening: set[int], walked: set[int], on_progress: Callable[[], None] | None
+    ) -> None:
+        """Read the processes whose rotation turn it is (unless read already), and their details."""
+        step = [pid for pid in self.rotation.step() if pid in current and pid not in walked]
+        self._read_all(step, listening, walked, on_progress)
+        self._refresh.update(pid for pid in step if self.index.holds(pid))
 
-    # -- re-checking what is known ---------------------------------------------
-
-    def _drop_closed(self, listening: set[int]) -> None:
-        """Forget the fds of listeners that are no longer listed."""
-        if not self._held.keys() <= listening:
-            for pid, holder in list(self._holders.items()):
-                gone = [name for name, inode in holder.links.items() if inode not in listening]
-                if gone:
-                    self._drop_fds(pid, holder, gone)
-
-    def _recheck(self, stats: TickStats) -> None:
-        """Drop the holder fds that changed (closed, exited, replaced): see RECHECK_TICKS.
-
-        One fd is enough to see an exit: the directory fd is bound to the
-        process, so every readlink through it fails once the process is gone.
-        """
-        stale_fds = self.procfs.stale_fds
-        self._rechecks += 1
-        turn = self._rechecks % RECHECK_TICKS
-        for pid, holder in list(self._holders.items()):
-            links = holder.links
-            if pid % RECHECK_TICKS != turn and len(links) > 1:
-                first = next(iter(links))
-                links = {first: links[first]}
-            stats.rechecked_fds += len(links)
-            stale = stale_fds(pid, holder.dfd, links)
-            if stale and links is not holder.links:  # gone, or that fd changed: look at every fd
-                stale = stale_fds(pid, holder.dfd, holder.links)
-                stats.rechecked_fds += len(holder.links)
-            if stale:
-                self._drop_fds(pid, holder, stale)
-
-    def _drop_fds(self, pid: int, holder: _Holder, names: list[bytes]) -> None:
-        for name in names:
-            inode = holder.links.pop(name)
-            if inode not in holder.links.values():  # the same socket may sit on two fds
-                self._unhold(inode, pid)
-        if not holder.links:
-            self._drop_holder(pid)
-
-    def _unhold(self, inode: int, pid: int) -> None:
-        if inode in self._held:
-            rest = tuple(p for p in self._holders_of(inode) if p != pid)
-            if len(rest) > 1:
-                self._held[inode] = rest
-            elif rest:
-                self._held[inode] = rest[0]
-            else:
-                del self._held[inode]
-        self._dirty.add(inode)
-
-    def _drop_holder(self, pid: int) -> None:
-        holder = self._holders.pop(pid, None)
-        if holder is not None:
-            for inode in holder.inodes():
-                self._unhold(inode, pid)
-            self._close_dir(holder)
-        self._processes.pop(pid, None)
-        self._refresh.discard(pid)
-
-    def _forget_pid(self, pid: int) -> None:
-        self._drop_holder(pid)
-        self._recent.pop(pid, None)
-        slot = self._slot_of.pop(pid, None)
-        if slot is not None:
-            self._slots[slot].discard(pid)
-            self._load[slot] -= self._weight.pop(pid)
-        self._denied.discard(pid)
-
-    # -- reading processes ---------------------------------------------------
-
-    def _walk(
-        self,
-        pids: Iterable[int],
-        listening: set[int],
-        walked: set[int],
-        stats: TickStats,
+    def _read_all(
+        self, pids: Iterable[int], listening: set[int], walked: set[int],
         on_progress: Callable[[], None] | None,
     ) -> None:
         for pid in pids:
-            self._walk_one(pid, listening, walked, stats)
-            if on_progress is not None and stats.walked_pids % _PROGRESS_EVERY == 0:
+            walked.add(pid)
+            self._read(pid, listening)
+            if on_progress is not None and len(walked) % _PROGRESS_EVERY == 0:
                 on_progress()
 
-    def _walk_one(self, pid: int, listening: set[int], walked: set[int], stats: TickStats) -> None:
+    def _read(self, pid: int, listening: set[int]) -> None:
         """Read all of `pid`'s fds and record the listening ones."""
-        walked.add(pid)
-        stats.walked_pids += 1
-        links_before = self.procfs.links_read
-        holder = self._holders.get(pid)
-        dfd = holder.dfd if holder is not None else -1
-        opened = dfd < 0
+        dfd = kept = self.dirs.get(pid)
         try:
-            if opened:
-                dfd = self._open_dir(pid)
-            fds = self.procfs.socket_fds_at(dfd, listening)
-        except ProcessGone:
-            if opened and dfd >= 0:
+            if dfd < 0:
+                dfd = self.dirs.open(pid)
+            found, links = self.procfs.socket_fds_at(dfd, listening)
+        except (ProcessGone, AccessDenied) as exc:
+            if dfd >= 0 and kept < 0:
                 os.close(dfd)
-            self._forget_pid(pid)
-            return
-        except AccessDenied:
-            if opened and dfd >= 0:
-                os.close(dfd)
-            self._denied.add(pid)
-            self._weigh(pid, 0)  # tried again at each rotation: its owner may change
-            self._drop_holder(pid)
+            if isinstance(exc, ProcessGone):
+                self._forget(pid)
+            else:  # read again at each rotation step: its owner may change
+                self._denied.add(pid)
+                self.rotation.weigh(pid, 0)
+                self.index.forget(pid)
+                self._let_go(pid)
             return
         self._denied.discard(pid)
-        self._weigh(pid, self.procfs.links_read - links_before)
-        mine = {_fd_name(fd): inode for fd, inode in fds.items()}
-        if not mine:
-            if opened:
-                os.close(dfd)
-            self._drop_holder(pid)
-            return
-        if holder is None:
-            holder = self._holders[pid] = _Holder(-1)
-        if opened:
-            if self._dir_fds < self._dir_fd_budget():
-                holder.dfd = dfd
-                self._dir_fds += 1
+        self.rotation.weigh(pid, links)
+        if kept < 0:
+            if found:
+                self.dirs.keep(pid, dfd)
             else:
                 os.close(dfd)
-        if mine != holder.links:
-            before = holder.inodes()
-            holder.links = mine
-            after = set(mine.values())
-            for inode in before - after:
-                self._unhold(inode, pid)
-            for inode in after - before:
-                held = self._held.get(inode)
-                self._held[inode] = pid if held is None else (*self._holders_of(inode), pid)
-                self._unresolved.discard(inode)
-                self._dirty.add(inode)
-            if after - before and self._tick > 1:
-                self._recent[pid] = self._tick
+        opened = self.index.set_fds(pid, {_fd_name(fd): inode for fd, inode in found.items()})
+        self._let_go(pid)
+        if opened:
+            self._unresolved -= opened
+            if self._tick > 1:
+                self.recency.note((pid,), self._tick)
 
-    def _search(
-        self,
-        *,
-        missing: set[int],
-        sockets: list[Socket],
-        candidates: set[int],
-        listening: set[int],
-        walked: set[int],
-        stats: TickStats,
-        on_progress: Callable[[], None] | None,
-        relist: Callable[[], Iterable[int]] | None,
-    ) -> None:
-        """Walk old processes until every inode in `missing` is found, likeliest first.
+    def _let_go(self, pid: int) -> None:
+        """Drop what is kept for `pid` once it holds no listener."""
+        if not self.index.holds(pid):
+            self.dirs.close(pid)
+            self._processes.pop(pid, None)
+            self._refresh.discard(pid)
 
-        Pid numbers wrap, so they say nothing about age; what this tracker saw
-        does. First the processes it saw start, exec or open a listener
-        lately (newest first: a server that opened one port often opens
-        more), then those running as the socket's uid (the kernel records the
-        creator's uid on the socket), then everyone else. Whatever is still
-        missing after all of them has no visible holder.
-        """
+    def _forget(self, pid: int) -> None:
+        self.index.forget(pid)
+        self._let_go(pid)
+        self.recency.forget(pid)
+        self.rotation.forget(pid)
+        self._denied.discard(pid)
 
-        def visit(pid: int) -> bool:
-            self._walk_one(pid, listening, walked, stats)
-            if on_progress is not None and stats.walked_pids % _PROGRESS_EVERY == 0:
-                on_progress()
-            missing.difference_update(self._inodes_of(pid))
-            return not missing
-
-        seen = self._recent
-        recent = sorted((p for p in candidates if p in seen), key=seen.__getitem__, reverse=True)
-        for pid in recent:
-            if visit(pid):
-                return
-        if relist is not None:
-            # Those closed since the listing need no search, and are no longer listeners.
-            try:
-                vanished = missing.difference(relist())
-            except Exception:  # a failed listing proves nothing closed: search for all of them
-                vanished = set()
-            self._vanished |= vanished
-            missing -= vanished
-            if not missing:
-                return
-        uids = {s.uid for s in sockets if s.inode in missing}
-        later: list[int] = []
-        for pid in candidates.difference(recent):
-            if self.procfs.owner_uid(pid) not in uids:
-                later.append(pid)
-            elif visit(pid):
-                return
-        for pid in later:
-            if visit(pid):
-                return
-        self._unresolved |= missing
-
-    def _rotate(
-        self,
-        current: set[int],
-        walked: set[int],
-        listening: set[int],
-        stats: TickStats,
-        on_progress: Callable[[], None] | None,
-    ) -> None:
-        """Walk the next slot's processes (those not walked this tick), and refresh their details.
-
-        Every process has a slot, so each is read once every rotation_ticks
-        rotation steps. A new process goes to the slot with the least work
-        (fds read at the last visit): slots by pid number would put
-        processes started together, often alike (a pool of workers with
-        thousands of connections each), in one tick.
-        """
-        slot = self._next_slot
-        self._next_slot = (slot + 1) % self.rotation_ticks
-        todo = [pid for pid in self._slots[slot] if pid in current and pid not in walked]
-        self._walk(todo, listening, walked, stats, on_progress)
-        self._refresh.update(pid for pid in todo if pid in self._holders)
-
-    def _weigh(self, pid: int, links: int) -> None:
-        """Record what reading `pid` cost, giving it a rotation slot when it has none."""
-        cost = links + _PID_COST
-        slot = self._slot_of.get(pid)
-        if slot is None:
-            slot = min(range(self.rotation_ticks), key=self._load.__getitem__)
-            self._slot_of[pid] = slot
-            self._slots[slot].add(pid)
-            self._load[slot] += cost
-        else:
-            self._load[slot] += cost - self._weight[pid]
-        self._weight[pid] = cost
-
-    def _holders_of(self, inode: int) -> tuple[int, ...]:
-        held = self._held.get(inode, ())
-        return (held,) if isinstance(held, int) else held
-
-    def _inodes_of(self, pid: int) -> set[int]:
-        holder = self._holders.get(pid)
-        return holder.inodes() if holder is not None else set()
-
-    # -- directory fds -----------------------------------------------------------
-
-    def _open_dir(self, pid: int) -> int:
-        try:
-            return self.procfs.open_fd_dir(pid)
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._dir_fds:
-                raise
-        # Out of fds: give the kept ones back and keep fewer from now on.
-        self._dir_fd_cap = self._dir_fds // 2
-        self.close()
-        return self.procfs.open_fd_dir(pid)
-
-    def _close_dir(self, holder: _Holder) -> None:
-        if holder.dfd >= 0:
-            os.close(holder.dfd)
-            holder.dfd = -1
-            self._dir_fds -= 1
-
-    def _dir_fd_budget(self) -> int:
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            soft = 1 << 20
-        budget = max(0, soft - max(256, soft // _FD_RESERVE))
-        return budget if self._dir_fd_cap is None else min(budget, self._dir_fd_cap)
-
-    # -- the snapshot ----------------------------------------------------------------
-
-    def _build(self, sockets: list[Socket], complete: bool, stats: TickStats, *, same: bool) -> Snapshot:
-        """The snapshot, carrying over every Listener that did not change (and the Snapshot itself).
-
-        `same`: `sockets` are the very objects of the last update, in order.
-        """
-        for pid in self._refresh:
+    def _finish(self, sockets: list[Socket], complete: bool, same: bool) -> Snapshot:
+        """Read the details of new holders and of those to refresh; build the snapshot."""
+        stale = self._refresh | (self.index.pids() - self._processes.keys())
+        self._refresh = set()
+        for pid in stale:
             info = self.procfs.process(pid)
             if info is not None and info != self._processes.get(pid):
                 self._processes[pid] = info
-                self._dirty.update(self._inodes_of(pid))
-        self._refresh.clear()
-        for pid in self._holders.keys() - self._processes.keys():
-            info = self.procfs.process(pid)
-            if info is not None:
-                self._processes[pid] = info
-                self._dirty.update(self._inodes_of(pid))
-
-        previous = self._snapshot
-        denied = len(self._denied)
-        if (same and not self._dirty and previous is not None and previous.complete == complete
-                and previous.denied_pids == denied):
-            return previous
-        dirty, self._dirty = self._dirty, set()
-        if previous is None or previous.complete != complete or previous.denied_pids != denied:
-            old: dict[int, Listener] = {}
-        else:
-            old = previous.listeners
-        listeners: dict[int, Listener | None] = {}
-        rebuild: list[Socket] = []
-        for sock in sockets:
-            inode = sock.inode
-            before = old.get(inode)
-            if before is not None and inode not in dirty and (before.socket is sock or before.socket == sock):
-                listeners[inode] = before
-            else:
-                listeners[inode] = None
-                rebuild.append(sock)
-        stats.rebuilt = len(rebuild)
-        if not rebuild and previous is not None and len(listeners) == len(old):
-            return previous  # nothing changed: the very same snapshot
-        if rebuild:
-            holders = {s.inode: self._holders_of(s.inode) for s in rebuild}
-            fresh = build_snapshot(rebuild, holders, self._processes, complete=complete, denied_pids=denied)
-            for inode, listener in fresh.listeners.items():
-                listeners[inode] = listener
-        snap = Snapshot(
-            {inode: listener for inode, listener in listeners.items() if listener is not None},
-            complete=complete,
-            denied_pids=denied,
+                self.index.touch(self.index.inodes_of(pid))
+        self._snapshot = rebuild_snapshot(
+            self._snapshot, sockets, changed=self.index.take_dirty(), holders_of=self.index.holders_of,
+            processes=self._processes, complete=complete, denied_pids=len(self._denied), same_sockets=same,
         )
-        self._snapshot = snap
-        return snap
+        return self._snapshot

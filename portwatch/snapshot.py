@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import NamedTuple
 
@@ -37,6 +37,53 @@ def build_snapshot(
             unresolved = Unresolved.PERMISSION_DENIED if denied_pids else Unresolved.NO_PROCESS
         listeners[sock.inode] = Listener(sock, owners, unresolved)
     return Snapshot(listeners, complete=complete, denied_pids=denied_pids)
+
+
+def rebuild_snapshot(
+    previous: Snapshot | None,
+    sockets: Sequence[Socket],
+    *,
+    changed: Collection[int],
+    holders_of: Callable[[int], Iterable[int]],
+    processes: Mapping[int, Process],
+    complete: bool,
+    denied_pids: int,
+    same_sockets: bool,
+) -> Snapshot:
+    """The snapshot of `sockets`, carrying over every Listener of `previous` that did not change.
+
+    `changed`: inodes whose holders, or their holders' details, changed.
+    `same_sockets`: `sockets` are those of the listing that made `previous`.
+    When nothing changed, `previous` itself is returned: the daemon's diff
+    then costs nothing.
+    """
+    comparable = (
+        previous is not None and previous.complete == complete and previous.denied_pids == denied_pids
+    )
+    if previous is not None and comparable and same_sockets and not changed:
+        return previous
+    old = previous.listeners if previous is not None and comparable else {}
+    listeners: dict[int, Listener | None] = {}
+    stale: list[Socket] = []
+    for sock in sockets:
+        inode = sock.inode
+        before = old.get(inode)
+        if before is not None and inode not in changed and (before.socket is sock or before.socket == sock):
+            listeners[inode] = before
+        else:
+            listeners[inode] = None
+            stale.append(sock)
+    if previous is not None and comparable and not stale and len(listeners) == len(old):
+        return previous  # the same listeners, every one unchanged
+    if stale:
+        holders = {s.inode: holders_of(s.inode) for s in stale}
+        fresh = build_snapshot(stale, holders, processes, complete=complete, denied_pids=denied_pids)
+        listeners.update(fresh.listeners)
+    return Snapshot(
+        {inode: listener for inode, listener in listeners.items() if listener is not None},
+        complete=complete,
+        denied_pids=denied_pids,
+    )
 
 
 class ChangeKind(StrEnum):

@@ -13,11 +13,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portwatch"
 
 LAYERS = [
     {"__init__", "model", "text"},
-    {"procfs", "snapshot", "policy", "config", "events", "render", "access"},
+    {"procfs", "snapshot", "policy", "config", "events", "render", "access", "holders", "schedule",
+     "judge", "pace"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
     {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state"},
     {"walk"},
-    {"scan", "log"},
+    {"scan", "log", "report"},
     {"daemon"},
     {"cli"},
     {"__main__"},

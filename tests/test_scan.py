@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -23,7 +23,8 @@ import pytest
 from portwatch.model import Proto, Snapshot, Socket
 from portwatch.proc import ProcFS
 from portwatch.procfd import single_threaded
-from portwatch.scan import RECHECK_TICKS, OwnerTracker, SocketLister, Source, full_scan
+from portwatch.scan import OwnerTracker, SocketLister, Source, full_scan
+from portwatch.schedule import RECHECK_TICKS, RecheckTurns
 from portwatch.sockdiag import list_listeners
 from tests.conftest import Holder, wait_exited
 
@@ -116,19 +117,52 @@ def helper() -> Iterator[Helper]:
     h.stop()
 
 
+class CountingProcFS(ProcFS):
+    """The real /proc, counting what the tracker reads there (the tracker keeps no statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listings = self.reads = self.rechecked = 0
+
+    def reset(self) -> None:
+        self.listings = self.reads = self.rechecked = 0
+
+    def pids(self) -> list[int]:
+        self.listings += 1
+        return super().pids()
+
+    def socket_fds_at(self, dfd: int, wanted: Container[int] | None = None) -> tuple[dict[int, int], int]:
+        self.reads += 1
+        return super().socket_fds_at(dfd, wanted)
+
+    def stale_fds(self, pid: int, dfd: int, links: Mapping[bytes, int]) -> list[bytes]:
+        self.rechecked += len(links)
+        return super().stale_fds(pid, dfd, links)
+
+
 @pytest.fixture
 def tracker() -> Iterator[OwnerTracker]:
-    t = OwnerTracker(ProcFS(), rotation_ticks=4)
+    t = OwnerTracker(CountingProcFS(), rotation_ticks=4)
     yield t
     t.close()
+
+
+def counts(tracker: OwnerTracker) -> CountingProcFS:
+    assert isinstance(tracker.procfs, CountingProcFS)
+    return tracker.procfs
 
 
 def sockets_of(inodes: set[int]) -> list[Socket]:
     return [s for s in list_listeners() if s.inode in inodes]
 
 
-def update(tracker: OwnerTracker, inodes: set[int], **kw: Any) -> Snapshot:
-    return tracker.update(sockets_of(inodes), complete=True, **kw)
+def update(tracker: OwnerTracker, inodes: set[int], *, early: bool = False, hint_pids: Iterable[int] = ()
+           ) -> Snapshot:
+    """One update over this test's sockets, what it read counted from a fresh start."""
+    counts(tracker).reset()
+    if early:
+        return tracker.update_early(sockets_of(inodes), complete=True, hint_pids=hint_pids)
+    return tracker.update(sockets_of(inodes), complete=True, hint_pids=hint_pids)
 
 
 def pids_of(snap: Snapshot, inode: int) -> set[int]:
@@ -153,7 +187,7 @@ def test_new_listener_new_holders_and_a_lost_worker(
     snap = update(tracker, inodes)
     everyone = {server.pid, *server.children}
     assert {i: pids_of(snap, i) for i in inodes} == dict.fromkeys(inodes, everyone)
-    assert not tracker.last.full_walk  # new processes were read; nothing else had to be
+    assert not tracker.searched  # new processes were read; nothing else had to be
     os.kill(server.children[0], signal.SIGKILL)  # a zombie now: its fds are gone
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -163,7 +197,7 @@ def test_new_listener_new_holders_and_a_lost_worker(
         time.sleep(0.05)
     assert {i: pids_of(snap, i) for i in inodes} == {i: everyone - {server.children[0]} for i in inodes}
     assert snap.listeners[server.inode].processes[0].comm.startswith("python")
-    assert not tracker.last.full_walk
+    assert not tracker.searched
 
 
 # A server with three listeners and one worker holding them too; each SIGUSR1 makes the
@@ -193,11 +227,11 @@ def test_a_holder_closing_one_fd_or_exiting(early: bool) -> None:
     the re-check, in between); when it exits, at the very next update, from every listener,
     though only one of its fds is re-read at that update. (The rotation, which would read the
     worker whole too, is kept out of the way: 600 updates.)"""
-    tracker = OwnerTracker(ProcFS(), rotation_ticks=600)
+    tracker = OwnerTracker(CountingProcFS(), rotation_ticks=600)
 
     def update(tracker: OwnerTracker, inodes: set[int]) -> Snapshot:
         if early:
-            tracker.update(sockets_of(inodes), complete=True, early=True)
+            tracker.update_early(sockets_of(inodes), complete=True, hint_pids=())
         return tracker.update(sockets_of(inodes), complete=True)
 
     proc = subprocess.Popen([sys.executable, "-c", WORKER_STEPS], stdin=subprocess.PIPE,
@@ -219,7 +253,7 @@ def test_a_holder_closing_one_fd_or_exiting(early: bool) -> None:
         assert {i: pids_of(snap, i) for i in inodes - {closed}} == {i: {server, worker} for i in inodes - {closed}}
         for _ in range(RECHECK_TICKS):  # whichever turn comes next
             assert pids_of(update(tracker, inodes), closed) == {server}
-        while (tracker._rechecks + 1) % RECHECK_TICKS == worker % RECHECK_TICKS:
+        while RecheckTurns.whole(worker, (tracker.turns.count + 1) % RECHECK_TICKS):
             update(tracker, inodes)  # so that the next update re-reads one fd of the worker only
         os.kill(worker, signal.SIGUSR1)  # it exits (a zombie until the server reaps it)
         assert wait_exited(worker)  # a zombie has closed all its fds
@@ -244,13 +278,13 @@ def test_early_updates_read_only_the_hinted_processes(
     old = holders([TCP4], fork=1)
     update(tracker, {old.inode})
     update(tracker, {old.inode})
-    assert tracker.last.rechecked_fds >= 2  # a regular update re-checks every known holder fd
+    assert counts(tracker).rechecked >= 2  # a regular update re-checks every known holder fd
     server = holders([{**TCP4, "proto": "udp"}], fork=2)
     inodes = {old.inode, server.inode}
     snap = update(tracker, inodes, hint_pids=[server.pid, *server.children], early=True)
     assert pids_of(snap, server.inode) == {server.pid, *server.children}
-    assert tracker.last.rechecked_fds == 0 and not tracker.last.full_walk
-    assert tracker.last.walked_pids == 3
+    assert counts(tracker).rechecked == 0 and not tracker.searched
+    assert counts(tracker).reads == 3
     worker = old.children[0]
     os.kill(worker, signal.SIGKILL)
     assert wait_exited(worker)  # its fds are closed then
@@ -266,16 +300,16 @@ def test_proc_is_listed_only_when_a_pid_was_given_out(
     update(tracker, set())
     for _ in range(50):  # the host may fork now and then; some update must find it quiet
         update(tracker, set())
-        if not tracker.last.listed_pids:
+        if not counts(tracker).listings:
             break
         time.sleep(0.02)
     else:
         pytest.fail("every update listed /proc: the host never stopped forking?")
     server = holders([TCP4], fork=1)
     snap = update(tracker, {server.inode})
-    assert tracker.last.listed_pids
+    assert counts(tracker).listings
     assert pids_of(snap, server.inode) == {server.pid, *server.children}
-    assert not tracker.last.full_walk  # found as new processes, not by a search
+    assert not tracker.searched  # found as new processes, not by a search
 
 
 def test_handover_to_an_old_process(helper: Helper, tracker: OwnerTracker) -> None:
@@ -285,10 +319,10 @@ def test_handover_to_an_old_process(helper: Helper, tracker: OwnerTracker) -> No
     inode = helper.ask("listen")["inode"]
     snap = update(tracker, {inode})
     assert pids_of(snap, inode) == {helper.pid}
-    assert tracker.last.full_walk  # an old process opened it: it had to be searched for
+    assert tracker.searched  # an old process opened it: it had to be searched for
     helper.ask("send")
     found_after = None
-    for n in range(1, tracker.rotation_ticks + 1):
+    for n in range(1, tracker.rotation.ticks + 1):
         snap = update(tracker, {inode})
         if helper.partner in pids_of(snap, inode):
             found_after = n
@@ -318,35 +352,11 @@ def test_unresolvable_inode_is_remembered(helper: Helper, tracker: OwnerTracker)
     snap = update(tracker, {inode})
     assert snap.listeners[inode].processes == ()
     assert snap.listeners[inode].unresolved is not None
-    assert tracker.last.full_walk
+    assert tracker.searched
     for _ in range(3):
         snap = update(tracker, {inode})
-        assert not tracker.last.full_walk
+        assert not tracker.searched
         assert snap.listeners[inode].processes == ()
-
-
-def test_listener_closed_before_its_holder_is_found_costs_no_walk(helper: Helper) -> None:
-    """A listener listed, then closed by an old process before the update: with `relist` the
-    tracker sees it is gone instead of reading every process, and leaves it out. Without,
-    it reads (nearly) every process and reports the listener with no owner."""
-    with_relist, without = (OwnerTracker(ProcFS(), rotation_ticks=10_000) for _ in range(2))
-    try:
-        for tracker in (with_relist, without):
-            tracker.update([], complete=True)
-            tracker.update([], complete=True)  # the helper is no longer "recent" after this
-        inode = helper.ask("listen")["inode"]
-        listed = sockets_of({inode})
-        helper.ask("close")
-        host = len(ProcFS().pids())
-        snap = with_relist.update(listed, complete=True, relist=lambda: {s.inode for s in list_listeners()})
-        assert inode not in snap.listeners
-        assert with_relist.last.walked_pids < host // 4  # new processes, the helper, one rotation step
-        snap = without.update(listed, complete=True)
-        assert snap.listeners[inode].processes == ()
-        assert without.last.walked_pids > host // 2
-    finally:
-        with_relist.close()
-        without.close()
 
 
 def test_exec_refreshes_details_when_hinted(helper: Helper, tracker: OwnerTracker) -> None:
@@ -373,7 +383,7 @@ def test_exec_without_hint_is_refreshed_by_the_rotation(helper: Helper, tracker:
     helper.ask("exec")
     wait_for_comm(helper.pid, "sleep")
     comms = [update(tracker, {inode}).listeners[inode].processes[0].comm
-             for _ in range(tracker.rotation_ticks + 1)]
+             for _ in range(tracker.rotation.ticks + 1)]
     assert comms[-1] == "sleep"
 
 
@@ -385,14 +395,13 @@ def test_unchanged_update_returns_the_same_snapshot(
     first = update(tracker, {server.inode})
     again = update(tracker, {server.inode})
     assert again is first
-    assert tracker.last.rebuilt == 0
-    assert tracker.last.rechecked_fds >= 2
+    assert counts(tracker).rechecked >= 2
 
 
 def test_close_releases_directory_fds(holders: Callable[..., Holder]) -> None:
     server = holders([TCP4], fork=3)
     before = len(os.listdir("/proc/self/fd"))
-    tracker = OwnerTracker(ProcFS())
+    tracker = OwnerTracker(CountingProcFS())
     snap = update(tracker, {server.inode})
     assert len(pids_of(snap, server.inode)) == 4
     assert len(os.listdir("/proc/self/fd")) >= before + 4  # one kept per holder

@@ -1,0 +1,73 @@
+"""Which reserved ports are taken by an owner their rule does not allow, each said once. Pure.
+
+The judge remembers the owner set it reported for each socket, so a squatter
+is reported once, again when its owners change, and again after a reload (new
+rules apply to what already listens). After a restart the owner sets reported
+before it (`known`) are reported again, so the journal of the new run names
+them too, but their hooks do not run twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+from portwatch.events import violation_event
+from portwatch.model import Listener, Proto
+from portwatch.policy import Rule, evaluate
+from portwatch.snapshot import owner_identity
+
+RuleFor = Callable[[Proto, int], Rule | None]
+
+
+class Verdict(NamedTuple):
+    """A reserved_port_taken event to emit, and whether the rule's hooks run for it."""
+
+    rule: Rule
+    fields: dict[str, Any]
+    run_hooks: bool
+
+
+class Judge:
+    __slots__ = ("_taken",)
+
+    def __init__(self) -> None:
+        self._taken: dict[int, frozenset[Any]] = {}  # inode -> the owners reported taking it
+
+    def judge(
+        self, listeners: Iterable[Listener], rule_for: RuleFor, *, at_startup: bool,
+        known: Mapping[int, list[int]] | None = None,
+    ) -> list[Verdict]:
+        """A verdict for each listener on a reserved port whose owners were not reported yet."""
+        verdicts = []
+        for listener in listeners:
+            sock = listener.socket
+            rule = rule_for(sock.proto, sock.port)
+            violation = evaluate(rule, listener) if rule is not None else None
+            if rule is None or violation is None:
+                self._taken.pop(sock.inode, None)
+                continue
+            identity = owner_identity(listener)
+            if self._taken.get(sock.inode) == identity:
+                continue
+            self._taken[sock.inode] = identity
+            _, fields = violation_event(violation, at_startup=at_startup)
+            reported_before = known is not None and known.get(sock.inode) == list(listener.pids)
+            if known is not None:
+                fields["reported_before_restart"] = reported_before
+            verdicts.append(Verdict(rule, fields, not reported_before))
+        return verdicts
+
+    def closed(self, inode: int) -> None:
+        self._taken.pop(inode, None)
+
+    def reset(self) -> None:
+        """Forget what was said (new rules): the next judgement reports every squatter again."""
+        self._taken.clear()
+
+    def taken(self) -> dict[int, list[int]]:
+        """inode -> the pids reported taking it, for the state file."""
+        return {inode: sorted(pid for pid, *_ in identity) for inode, identity in self._taken.items()}
+
+    def __len__(self) -> int:
+        return len(self._taken)
