@@ -199,7 +199,7 @@ def free_ports(count: int) -> list[int]:
     raise SystemExit("no free ports below the ephemeral range")
 
 
-def sample(pid: int) -> dict[str, float]:
+def resources(pid: int) -> dict[str, float]:
     status = dict(
         line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
     )
@@ -320,16 +320,7 @@ def run_soak(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="portwatch-soak-"))
     *ok_ports, bad_port = free_ports(4)
     config = write_config(work, args.interval, ok_ports, bad_port)
-    spec = {
-        "masters": args.masters, "sockets_per_master": args.sockets_per_master,
-        "churn_rate": args.churn_rate, "violation_every": args.violation_every,
-        "reserved": [*ok_ports, bad_port], "duration": args.duration + 120,
-    }
-    scene = subprocess.Popen([sys.executable, __file__, "--scene", json.dumps(spec)], stdout=subprocess.PIPE,
-                             text=True)
-    assert scene.stdout is not None
-    ready = json.loads(scene.stdout.readline())
-    assert ready.get("ready"), ready
+    scene = start_scene(args, [*ok_ports, bad_port])
     with (work / "daemon.stderr").open("wb") as stderr_file:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "portwatch", "run", "--config", str(config), "--log-format", "json",
@@ -338,61 +329,102 @@ def run_soak(args: argparse.Namespace) -> int:
         )
     assert daemon.stdout is not None
     events = EventCounter(daemon.stdout)
-    rows: list[dict[str, float]] = []
     try:
-        deadline = time.monotonic() + 30
-        while events.started is None:
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"portwatch did not start: {(work / 'daemon.stderr').read_text()[-2000:]}")
-            time.sleep(0.1)
-        started = events.started
-        print(f"scene: {args.masters} masters x {args.sockets_per_master} sockets, a third with 3 workers; "
-              f"daemon pid {daemon.pid} watching {started['listeners']} listeners "
-              f"(source {started['socket_source']}, interval {args.interval} s)", flush=True)
-        print(f"{'t_s':>6} {'rss_kib':>8} {'threads':>7} {'fds':>5} {'dirfds':>6} {'stale':>5} {'cpu_s':>7} "
-              f"{'events':>8}", flush=True)
-        t0 = time.monotonic()
-        while True:
-            t = time.monotonic() - t0
-            if daemon.poll() is not None:
-                print("portwatch exited during the soak", flush=True)
-                break
-            row = {"t": round(t, 1), **sample(daemon.pid), "events": events.total()}
-            rows.append(row)
-            print(f"{row['t']:6.0f} {row['rss_kib']:8.0f} {row['threads']:7.0f} {row['fds']:5.0f} "
-                  f"{row['dir_fds']:6.0f} {row['stale_dir_fds']:5.0f} {row['cpu_s']:7.1f} "
-                  f"{row['events']:8.0f}", flush=True)
-            if t >= args.duration:
-                break
-            time.sleep(max(0.0, t0 + len(rows) * args.sample_every - time.monotonic()))
+        rows = sample_until_done(args, daemon, events, work)
     finally:
         alive = daemon.poll() is None
-        if alive:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        stop(daemon)
         events.join()
-        scene.send_signal(signal.SIGTERM)
+        summary = stop_scene(scene)
+    ok = report(args, rows, events, summary, exited_cleanly=alive and daemon.returncode == 0,
+                stderr=(work / "daemon.stderr").read_text(errors="replace"))
+    with contextlib.suppress(OSError):
+        for path in sorted(work.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        work.rmdir()
+    return 0 if ok else 1
+
+
+def start_scene(args: argparse.Namespace, reserved: list[int]) -> subprocess.Popen[str]:
+    spec = {
+        "masters": args.masters, "sockets_per_master": args.sockets_per_master,
+        "churn_rate": args.churn_rate, "violation_every": args.violation_every,
+        "reserved": reserved, "duration": args.duration + 120,
+    }
+    scene = subprocess.Popen([sys.executable, __file__, "--scene", json.dumps(spec)], stdout=subprocess.PIPE,
+                             text=True)
+    assert scene.stdout is not None
+    ready = json.loads(scene.stdout.readline())
+    assert ready.get("ready"), ready
+    return scene
+
+
+def stop_scene(scene: subprocess.Popen[str]) -> dict[str, Any]:
+    """Stop the scene (ours, by pid) and return the summary it prints."""
+    assert scene.stdout is not None
+    scene.send_signal(signal.SIGTERM)
+    try:
+        summary = json.loads(scene.stdout.readline() or "{}")
+        scene.wait(30)
+    except (subprocess.TimeoutExpired, ValueError):
+        summary = {}
+        scene.kill()
+        scene.wait()
+    return dict(summary)
+
+
+def stop(daemon: subprocess.Popen[str]) -> None:
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
         try:
-            summary = json.loads(scene.stdout.readline() or "{}")
-            scene.wait(30)
-        except (subprocess.TimeoutExpired, ValueError):
-            summary = {}
-            scene.kill()
-            scene.wait()
-    stderr = (work / "daemon.stderr").read_text(errors="replace")
+            daemon.wait(10)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
+def sample_until_done(args: argparse.Namespace, daemon: subprocess.Popen[str], events: EventCounter,
+           work: Path) -> list[dict[str, float]]:
+    """The daemon's resources every args.sample_every seconds for args.duration, one line each."""
+    deadline = time.monotonic() + 30
+    while events.started is None:
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"portwatch did not start: {(work / 'daemon.stderr').read_text()[-2000:]}")
+        time.sleep(0.1)
+    started = events.started
+    print(f"scene: {args.masters} masters x {args.sockets_per_master} sockets, a third with 3 workers; "
+          f"daemon pid {daemon.pid} watching {started['listeners']} listeners "
+          f"(source {started['socket_source']}, interval {args.interval} s)", flush=True)
+    print(f"{'t_s':>6} {'rss_kib':>8} {'threads':>7} {'fds':>5} {'dirfds':>6} {'stale':>5} {'cpu_s':>7} "
+          f"{'events':>8}", flush=True)
+    rows: list[dict[str, float]] = []
+    t0 = time.monotonic()
+    while True:
+        t = time.monotonic() - t0
+        if daemon.poll() is not None:
+            print("portwatch exited during the soak", flush=True)
+            return rows
+        row = {"t": round(t, 1), **resources(daemon.pid), "events": events.total()}
+        rows.append(row)
+        print(f"{row['t']:6.0f} {row['rss_kib']:8.0f} {row['threads']:7.0f} {row['fds']:5.0f} "
+              f"{row['dir_fds']:6.0f} {row['stale_dir_fds']:5.0f} {row['cpu_s']:7.1f} "
+              f"{row['events']:8.0f}", flush=True)
+        if t >= args.duration:
+            return rows
+        time.sleep(max(0.0, t0 + len(rows) * args.sample_every - time.monotonic()))
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, float]], events: EventCounter,
+           summary: dict[str, Any], *, exited_cleanly: bool, stderr: str) -> bool:
     ok, lines = verdict(rows) if len(rows) >= 4 else (False, ["too few samples"])
-    ok = ok and alive and daemon.returncode == 0 and "Traceback" not in stderr and events.bad_lines == 0
+    ok = ok and exited_cleanly and "Traceback" not in stderr and events.bad_lines == 0
     cpu = rows[-1]["cpu_s"] - rows[0]["cpu_s"] if rows else 0.0
     span = rows[-1]["t"] - rows[0]["t"] if rows else 0.0
     print(f"\nscene: {summary}")
     print(f"events: {dict(sorted(events.counts.items()))}; "
           f"lines that were not one JSON event: {events.bad_lines}")
     print(f"daemon CPU {cpu:.1f} s over {span:.0f} s ({100 * cpu / span if span else 0:.1f}% of one core); "
-          f"exit status {daemon.returncode}; stderr {'empty' if not stderr.strip() else repr(stderr[-300:])}")
+          f"stopped cleanly: {exited_cleanly}; stderr {repr(stderr[-300:]) if stderr.strip() else 'empty'}")
     for line in lines:
         print(line)
     if rows:
@@ -404,11 +436,7 @@ def run_soak(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(
             {"rows": rows, "events": dict(events.counts), "scene": summary, "verdict": lines, "ok": ok,
              "started": events.started}, indent=1))
-    with contextlib.suppress(OSError):
-        for path in sorted(work.rglob("*"), reverse=True):
-            path.rmdir() if path.is_dir() else path.unlink()
-        work.rmdir()
-    return 0 if ok else 1
+    return ok
 
 
 def main(argv: list[str] | None = None) -> int:

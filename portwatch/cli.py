@@ -72,8 +72,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitStatus.USAGE)
 
     def _get_formatter(self) -> argparse.HelpFormatter:
-        # argparse makes one for every add_argument, and its own asks shutil for the width:
-        # importing shutil is 3 ms of `portwatch list`'s start. Raw: descriptions hold examples.
+        # argparse makes one for every add_argument, and its own asks shutil for the width,
+        # an import on the views' start-up path for nothing else. Raw: descriptions hold examples.
         return argparse.RawDescriptionHelpFormatter(prog=self.prog, width=terminal_columns() - 2)
 
 
@@ -171,8 +171,8 @@ def console(walk: Walk | None = None) -> NoReturn:
     `walk`: a walk of /proc begun by portwatch.__main__ before this module
     was imported, used by `list` and `who` and dropped otherwise.
 
-    Freeing every object at interpreter exit costs a view 6-8 ms on a host
-    with a thousand listeners, 5% of its run. The views need nothing from
+    Freeing every object at interpreter exit is a measurable share of a
+    view's run on a host with many listeners. The views need nothing from
     that teardown (no threads, atexit work or temporary files), so they
     flush their output and leave with os._exit. The daemon exits normally.
     """
@@ -234,7 +234,7 @@ def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
     procfs = ProcFS(args.proc)
     lister = SocketLister(procfs, Source(args.source))
     # A one-shot view makes many small objects and no cycles worth collecting before it
-    # exits: without the cyclic collector it runs some 4% faster.
+    # exits: the cyclic collector would only cost time.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:

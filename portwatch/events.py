@@ -76,54 +76,56 @@ def violation_event(violation: Violation, *, at_startup: bool) -> tuple[str, dic
     return "reserved_port_taken", fields
 
 
+# One sentence per event, filled from its fields and from these: where (proto/endpoint), who
+# (the first holder), offenders (a violation's), previous (pids), hook_for, failed.
+_MESSAGES = {
+    "reserved_port_taken": "reserved port {where} (rule {rule}) taken by {offenders}",
+    "listener_opened": "new listener {where} held by {who}",
+    "listener_closed": "listener {where} closed (was held by {who})",
+    "owner_changed": "listener {where} now held by {who} (was pids {previous})",
+    "hook_finished": "{hook_for} finished with exit code {exit_code} in {duration} s",
+    "hook_failed": "{hook_for} failed: {reason}",
+    "hook_suppressed": "{hook_for} not run again: cool-down, {until} s left",
+    "hook_dropped": "{hook_for} dropped: {reason}",
+    "config_rejected": "config {path} rejected, keeping the last good one: {error}",
+    "config_reloaded": "config {path} reloaded: {reserved_rules} reserved-port rules",
+    "portwatch_started": "portwatch started, watching {listeners} listeners",
+    "portwatch_stopping": "portwatch stopping",
+    "degraded": "owner resolution degraded: {reason}; {missing}",
+    "state_restored": "state restored from {path}: {listeners} listeners as saved at {saved_at}",
+    "state_reset": "state file unusable, starting afresh: {error}",
+    "scan_failed": "scan {failed}, nothing is reported closed until it succeeds: {error}",
+    "scan_recovered": "scans whole again (after: {error})",
+}
+_UNIDENTIFIED = (
+    "reserved port {where} (rule {rule}) is held by a process portwatch cannot identify ({unresolved})"
+)
+
+
+class _Fields(dict[str, Any]):
+    """An event's fields for str.format_map: a field it lacks reads as None, as fields.get gives."""
+
+    def __missing__(self, key: str) -> None:
+        return None
+
+
 def describe(event: str, fields: dict[str, Any]) -> str:
     """A one-line sentence for a person (journal MESSAGE, console). Values are not escaped here."""
-    get = fields.get
-    port = get("port")
-    where = f"{get('proto')}/{endpoint(str(get('address')), port if isinstance(port, int) else 0)}"
-    hook_for = f"hook {get('hook')} for rule {get('rule')} port {port}"
-    if event == "reserved_port_taken":
-        if not get("verified", True):
-            return (
-                f"reserved port {where} (rule {get('rule')}) is held by a process "
-                f"portwatch cannot identify ({get('unresolved')})"
-            )
-        return f"reserved port {where} (rule {get('rule')}) taken by {_offenders(fields)}"
-    if event == "listener_opened":
-        return f"new listener {where} held by {_who(fields)}"
-    if event == "listener_closed":
-        return f"listener {where} closed (was held by {_who(fields)})"
-    if event == "owner_changed":
-        return f"listener {where} now held by {_who(fields)} (was pids {_pids(get('previous_pids'))})"
-    if event == "hook_finished":
-        return f"{hook_for} finished with exit code {get('exit_code')} in {get('duration')} s"
-    if event == "hook_failed":
-        return f"{hook_for} failed: {get('reason')}"
-    if event == "hook_suppressed":
-        return f"{hook_for} not run again: cool-down, {get('until')} s left"
-    if event == "hook_dropped":
-        return f"{hook_for} dropped: {get('reason')}"
-    if event == "config_rejected":
-        return f"config {get('path')} rejected, keeping the last good one: {get('error')}"
-    if event == "config_reloaded":
-        return f"config {get('path')} reloaded: {get('reserved_rules')} reserved-port rules"
-    if event == "portwatch_started":
-        return f"portwatch started, watching {get('listeners')} listeners"
-    if event == "portwatch_stopping":
-        return "portwatch stopping"
-    if event == "degraded":
-        return f"owner resolution degraded: {get('reason')}; {get('missing')}"
-    if event == "state_restored":
-        saved = f"{get('listeners')} listeners as saved at {get('saved_at')}"
-        return f"state restored from {get('path')}: {saved}"
-    if event == "state_reset":
-        return f"state file unusable, starting afresh: {get('error')}"
-    if event == "scan_failed":
-        what = "partly failed" if get("partial") else "failed"
-        return f"scan {what}, nothing is reported closed until it succeeds: {get('error')}"
-    if event == "scan_recovered":
-        return f"scans whole again (after: {get('error')})"
-    return event.replace("_", " ")
+    template = _MESSAGES.get(event)
+    if template is None:
+        return event.replace("_", " ")
+    if event == "reserved_port_taken" and not fields.get("verified", True):
+        template = _UNIDENTIFIED
+    port = fields.get("port")
+    address = endpoint(str(fields.get("address")), port if isinstance(port, int) else 0)
+    values = _Fields(fields)
+    values.update(
+        where=f"{fields.get('proto')}/{address}",
+        who=_who(fields), offenders=_offenders(fields), previous=_pids(fields.get("previous_pids")),
+        hook_for=f"hook {fields.get('hook')} for rule {fields.get('rule')} port {port}",
+        failed="partly failed" if fields.get("partial") else "failed",
+    )
+    return template.format_map(values)
 
 
 def status_line(listeners: int, taken: int, when: str) -> str:

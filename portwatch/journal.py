@@ -18,8 +18,8 @@ import re
 import socket
 import struct
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 
+from portwatch.closing import Closing
 from portwatch.text import encode
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -89,7 +89,7 @@ def encode_entry(fields: Sequence[tuple[str, str | bytes]]) -> bytes:
     return bytes(out)
 
 
-class JournalSender:
+class JournalSender(Closing):
     """Sends entries to journald's native socket. send() raises OSError when it cannot."""
 
     def __init__(self, path: str = JOURNAL_SOCKET) -> None:
@@ -124,17 +124,6 @@ class JournalSender:
 
     def close(self) -> None:
         self._sock.close()
-
-    def __enter__(self) -> JournalSender:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def stream_is_journal(env: Mapping[str, str], fds: Sequence[int] = (1, 2)) -> bool:

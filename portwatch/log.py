@@ -93,26 +93,16 @@ def choose_format(requested: str, env: Mapping[str, str], stdout: TextIO) -> str
         return "json"
 
 
-def render_console(_logger: object, _name: str, event_dict: EventDict) -> str:
-    """`TIME LEVEL EVENT: sentence  key=value ...`, every value escaped, on one line."""
-    fields = dict(event_dict)
-    event = str(fields.pop("event", ""))
-    stamp = fields.pop("timestamp", "")
-    level = fields.pop("level", "info")
-    parts = [f"{stamp} {level:<7} {event}: {escape(describe(event, fields))}"]
-    parts += [f"{key}={_console_value(value)}" for key, value in fields.items()]
-    return "  ".join(parts)
+def _sentence(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
+    """The event's name followed by its sentence, escaped: ConsoleRenderer prints it as it is."""
+    event = str(event_dict["event"])
+    body = {k: v for k, v in event_dict.items() if k not in ("event", "timestamp", "level")}
+    return {**event_dict, "event": f"{event}: {escape(describe(event, body))}"}
 
 
-def _console_value(value: Any) -> str:
-    if isinstance(value, str):
-        text = escape(value)
-        if " " in text or not text or '"' in text:
-            return '"' + text.replace('"', '\\"') + '"'
-        return text
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_console_value(v) for v in value) + "]"
-    return escape(str(value))
+# `TIME [LEVEL] EVENT: sentence key=value ...` on one line. Every value is printed as its repr,
+# which escapes every character a terminal would act on (str.isprintable), and never in colour.
+_CONSOLE = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=0, sort_keys=False, repr_native_str=True)
 
 
 def _drop_none(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
@@ -205,7 +195,7 @@ class EventLog:
             processors = [*common, _drop_none, _to_journal_kwargs]
             logger = _JournalLogger(self._sender, self._stream)
         elif fmt == "console":
-            processors = [*common, _drop_none, render_console]
+            processors = [*common, _drop_none, _sentence, _CONSOLE]
             logger = structlog.PrintLogger(self._stream)
         else:
             processors = [*common, structlog.processors.JSONRenderer(ensure_ascii=True)]

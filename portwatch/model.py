@@ -4,7 +4,7 @@ Pure: standard library only. Everything is immutable so a snapshot can be kept,
 diffed and handed to another thread without copying. NamedTuples rather than
 frozen dataclasses: they build in a third of the time (a large host has tens of
 thousands of sockets per scan) and do not import `dataclasses` and `inspect`,
-which cost `portwatch list` some 15 ms of its start.
+which are a noticeable share of `portwatch list`'s start-up.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Telling systemd how the daemon is doing (sd_notify), through the sdnotify package.
 
-sdnotify sends the datagram; this wrapper adds what it lacks (platform-notes §2):
+sdnotify sends the datagram; this wrapper adds what it lacks:
 - no socket at all outside systemd: SystemdNotifier() always makes one and, when
   NOTIFY_SOCKET is unset, drops it unclosed (a ResourceWarning);
 - the address comes from the mapping we are given, not from os.environ;
@@ -26,15 +26,11 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from types import TracebackType
 
 import sdnotify
 
+from portwatch.closing import Closing
 from portwatch.text import escape
-
-# Variables systemd gives the service alone: hooks must not inherit them, or a
-# hook could ping the watchdog or report READY on the daemon's behalf.
-SYSTEMD_PRIVATE_ENV: tuple[str, ...] = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 STATUS_LIMIT = 200
 # A send blocks only if systemd stops reading; give up rather than starve the watchdog loop.
@@ -99,7 +95,7 @@ class _Transport(sdnotify.SystemdNotifier):  # type: ignore[misc]  # sdnotify is
         self.socket.close()
 
 
-class Notifier:
+class Notifier(Closing):
     """sd_notify for the daemon; every method is a no-op returning False outside systemd."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
@@ -154,16 +150,6 @@ class Notifier:
                 self._transport.close()
                 self._transport = None
 
-    def __enter__(self) -> Notifier:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _send(self, *lines: str) -> bool:
         if self._address is None or self._closed:

@@ -30,7 +30,8 @@ import select
 import socket
 import struct
 import time
-from types import TracebackType
+
+from portwatch.closing import Closing
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -59,7 +60,7 @@ _RCVBUF = 4 * 1024 * 1024  # an event is 76 bytes but costs ~1 KiB of buffer
 _MAX_BATCH = 4096  # per read_events call, so a fork storm cannot hold the caller
 
 
-class ProcConnector:
+class ProcConnector(Closing):
     """A subscription to fork/exec/exit events. Use `open()`; not thread-safe."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -136,17 +137,6 @@ class ProcConnector:
         with contextlib.suppress(OSError):  # closing anyway
             self._sock.send(_request(PROC_CN_MCAST_IGNORE, 0))
         self._sock.close()
-
-    def __enter__(self) -> ProcConnector:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def parse_event(data: bytes) -> tuple[str, int] | None:

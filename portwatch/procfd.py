@@ -2,7 +2,7 @@
 
 Kept apart, with nothing but `os` imported, so that `portwatch list` can
 start its walk of every process's fds (portwatch.walk) before its own
-start-up (argparse, the parsers, typing: some 25 ms) has run.
+start-up (argparse, the parsers, typing) has run.
 """
 
 from __future__ import annotations

@@ -135,15 +135,6 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def parse_socket_link(target: str) -> int | None:
-    """Inode from an fd link target: `socket:[12345]` -> 12345, anything else None."""
-    if target.startswith("socket:[") and target.endswith("]"):
-        digits = target[8:-1]
-        if digits.isascii() and digits.isdigit():
-            return int(digits)
-    return None
-
-
 def parse_last_pid(text: str) -> int | None:
     """/proc/loadavg's fifth field: the pid most recently given out in this pid namespace.
 

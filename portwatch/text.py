@@ -25,7 +25,7 @@ def escape(text: str) -> str:
     'evil\\x1b[31m\\nname'
     """
     if is_plain(text):
-        return text  # the common case, and 40x cheaper than looking at each character
+        return text  # the common case, and far cheaper than looking at each character
     out: list[str] = []
     for ch in text:
         named = _NAMED.get(ch)
@@ -58,9 +58,3 @@ def decode(raw: bytes) -> str:
 def encode(text: str) -> bytes:
     """The exact bytes behind a string made by `decode`."""
     return text.encode("utf-8", "surrogateescape")
-
-
-def one_line(text: str, limit: int = 200) -> str:
-    """Escape and shorten, for status lines and messages."""
-    safe = escape(text)
-    return safe if len(safe) <= limit else safe[: limit - 3] + "..."

@@ -1,8 +1,8 @@
 """The one-shot views' walk of every process's fds, shared with forked helpers.
 
 `portwatch list` must name every holder of every listening socket, which
-costs one readlink per open fd on the host (~3 us: 40,000 fds are 130 ms of
-CPU). The kernel does most of that work, so the walk scales with CPUs;
+costs one readlink per open fd on the host: on a busy host, most of its run.
+The kernel does most of that work, so the walk scales with CPUs;
 threads would not (every readlink hands the GIL over). This process and
 forked helpers take pids one at a time from a pipe filled beforehand, so a
 process with thousands of fds does not leave one of them waiting for the
@@ -218,7 +218,7 @@ class _Helper:
         Blocks only if the pipe is smaller than `wanted`, until the helper has
         walked what it can: slower then, never stuck.
         """
-        try:  # noqa: SIM105 (contextlib would cost the early start 4 ms)
+        try:  # noqa: SIM105 (contextlib is kept off the early start's imports)
             _write_all(self.wanted, wanted)
         except OSError:
             pass  # it failed: its answer will say so

@@ -3,8 +3,8 @@
 Editors and configuration management replace the file by renaming a temporary file over it,
 which kills a watch on the file itself, so the *directory* is watched and events are kept only
 when they name the config file. Every call also compares a cheap stat signature of the file, so a
-lost event (or no inotify at all) costs at most one call. pyinotify is used here and nowhere else
-(see platform-notes.md section 1 for its traps and how each is handled).
+lost event (or no inotify at all) costs at most one call. pyinotify is used here and nowhere else,
+to add and remove watches; the events are read raw (see `_drain` for why).
 
 A file is reported only when it looks complete: after its writer closed it (IN_CLOSE_WRITE), and
 never between a truncating open and the write that follows (an in-place `cat new > config`),

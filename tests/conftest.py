@@ -23,10 +23,20 @@ from typing import Any, TypeVar
 
 import pytest
 
+# The journald and systemd sandboxes' fixtures, for the tests that ask for them by name.
+pytest_plugins = ["tests.journald_fixture", "tests.systemd_sandbox"]
+
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = Path(__file__).resolve().parent / "programs"
 
 Event = dict[str, Any]
+# Every event portwatch emits: the product's interface, as the README's table lists it.
+EVENT_NAMES = frozenset({
+    "portwatch_started", "portwatch_stopping", "listener_opened", "listener_closed", "owner_changed",
+    "reserved_port_taken", "hook_finished", "hook_failed", "hook_suppressed", "hook_dropped",
+    "config_reloaded", "config_rejected", "degraded", "state_restored", "state_reset", "scan_failed",
+    "scan_recovered",
+})
 T = TypeVar("T")
 NOBODY = 65534
 # Runs a command as nobody with no capability at all (setpriv execs it: the pid stays).
@@ -59,6 +69,50 @@ def masked_net_tables(saved: Path, *, missing: Sequence[str] = (), unreadable: S
     keep = [t for t in TABLES if t not in missing and t not in unreadable]
     env = [f"SAVED={saved}", f"KEEP={' '.join(keep)}", f"UNREADABLE={' '.join(unreadable)}"]
     return ["unshare", "--mount", "env", *env, "sh", "-c", MASK_NET_TABLES, "sh"]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `root` fails, never skips, without root: CI runs the suite as root."""
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.fail("this test needs root (namespaces, setpriv, other users): run the suite as root")
+
+
+def in_mount_namespace_of(pid: int) -> list[str]:
+    """A prefix that runs a command in `pid`'s mount namespace, in this checkout (setns to a mount
+    namespace moves the working directory to its root)."""
+    return ["nsenter", f"--target={pid}", "--mount", f"--wd={ROOT}", "--"]
+
+
+def reserved_config(path: Path, rules: list[tuple[str, list[int], list[str]]],
+                    hooks: dict[str, tuple[list[str], float]], *, interval: float = 0.2,
+                    extra: str = "") -> Path:
+    """A config with one rule per (name, ports, hook names) and the given hooks (argv, timeout)."""
+    text = f"interval: {interval}\nhook_cooldown: 0\n{extra}reserved:\n"
+    for name, ports, hook_names in rules:
+        text += f"  - name: {name}\n    ports: {json.dumps(ports)}\n    hooks: {json.dumps(hook_names)}\n"
+    if hooks:
+        text += "hooks:\n"
+        for name, (argv, timeout) in hooks.items():
+            text += f"  {name}:\n    command: {json.dumps(argv)}\n    timeout: {timeout}\n"
+    path.write_text(text)
+    return path
+
+
+def no_netlink() -> list[str]:
+    """A prefix that runs a command with AF_NETLINK refused, as RestrictAddressFamilies= does."""
+    machine = os.uname().machine
+    if machine not in ("x86_64", "aarch64"):
+        pytest.skip(f"tests/programs/no_netlink.py knows x86_64 and aarch64 syscalls, not {machine}")
+    return [sys.executable, str(PROGRAMS / "no_netlink.py")]
+
+
+def run_python(code: str, *args: str, prefix: Sequence[str] = (), timeout: float = 30
+               ) -> subprocess.CompletedProcess[str]:
+    """`python -c CODE ARGS` (through `prefix`) with this checkout importable; both streams kept."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+        check=False, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def free_port(taken: Sequence[int] = ()) -> int:
@@ -104,6 +158,27 @@ def wait_exited(pid: int, timeout: float = 10.0) -> bool:
         return bool(poller.poll(timeout * 1000))
     finally:
         os.close(pidfd)
+
+
+def read_pids(path: Path, timeout: float = 10.0) -> list[int]:
+    """The pids a test program wrote to `path`, once it has."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.01)
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def hook_records(path: Path, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The events record_event.py wrote to `path`, once it holds `count` of them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = path.read_text().splitlines()
+            if len(lines) >= count:
+                return [json.loads(line) for line in lines]
+        time.sleep(0.05)
+    raise AssertionError(f"the hook did not run {count} time(s) within {timeout}s")
 
 
 def python_for_nobody() -> str:

@@ -1,7 +1,7 @@
 """Journals for tests: a real systemd-journald in a private mount namespace, and a
 plain datagram socket that decodes the native protocol.
 
-Import the fixtures into a test module (`from tests.journald_fixture import journald`).
+Its fixtures are registered for every test module by tests/conftest.py (pytest_plugins).
 
 The real journald (`journald`, session-scoped, root only) runs under
 `unshare --mount`: tmpfs on /run and /var/log inside that namespace, so its

@@ -1,6 +1,6 @@
 """A real systemd 252 booted as PID 1 of a private pid + mount namespace, for the unit tests.
 
-See shared/docs/systemd-sandbox.md. The namespace shares the host's network
+PID 1 of the test machine need not be systemd. The namespace shares the host's network
 and its file system, so everything systemd would write at boot is made
 private first: tmpfs over /tmp, /var/tmp, /run, /var/log and /var/lib (the
 units' StateDirectory= lives there), and the units that would clean /tmp or

@@ -12,9 +12,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "portwatch"
 
 LAYERS = [
-    {"__init__", "model", "text"},
+    {"__init__", "model", "text", "closing"},
     {"procfs", "snapshot", "policy", "config", "events", "render", "access", "holders", "schedule",
-     "judge", "pace"},
+     "judge", "pace", "yamlread"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
     {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state"},
     {"walk"},

@@ -16,12 +16,13 @@ from portwatch.config import (
     Config,
     ConfigError,
     HookSpec,
-    StrictLoader,
     load_config,
     parse_config,
 )
 from portwatch.model import Proto
 from portwatch.policy import Allow, PortRange, Rule
+from portwatch.yamlread import StrictLoader
+from tests.conftest import run_cli
 
 P = "/cfg/pw.yaml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "portwatch.yaml"
@@ -169,9 +170,17 @@ def test_example_config_loads() -> None:
     assert config.log_listeners is True
 
 
-def test_default_path() -> None:
-    """The daemon and CLI read /etc/portwatch.yaml unless told otherwise."""
-    assert DEFAULT_PATH == "/etc/portwatch.yaml"
+@pytest.mark.root
+def test_check_reads_etc_portwatch_yaml_unless_told_otherwise(tmp_path: Path) -> None:
+    """`portwatch check` with no --config reads /etc/portwatch.yaml: put a bad one there, in a
+    private mount namespace over an overlay of the host's /etc (which is left untouched)."""
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    overlay = (f'mount -t overlay overlay -o lowerdir=/etc,upperdir={upper},workdir={work} /etc && '
+               'printf "interval: 0\\n" > /etc/portwatch.yaml && exec "$@"')
+    result = run_cli("check", prefix=["unshare", "--mount", "sh", "-c", overlay, "sh"])
+    assert (result.returncode, result.stderr) == (78, f"{DEFAULT_PATH}:1: interval: must be > 0, got 0\n")
 
 
 # --- YAML 1.1 surprises ----------------------------------------------------------------------

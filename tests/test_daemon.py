@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,20 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PROGRAMS, ROOT, DaemonProcess, Holder, clean_env, run_cli, wait_exited
+from tests.conftest import (
+    PROGRAMS,
+    ROOT,
+    DaemonProcess,
+    Holder,
+    clean_env,
+    free_port,
+    hook_records,
+    run_cli,
+    wait_exited,
+)
 
 RECORDER = PROGRAMS / "record_event.py"
 HOSTILE = b'x\n{"event":1}\x1b'  # 15 bytes: a newline, a fake JSON event, an escape
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -60,17 +63,6 @@ def config_text(
         f"    command: {json.dumps(command)}\n"
         f"    timeout: {hook_timeout}\n"
     )
-
-
-def hook_records(path: Path, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            lines = path.read_text().splitlines()
-            if len(lines) >= count:
-                return [json.loads(line) for line in lines]
-        time.sleep(0.05)
-    raise AssertionError(f"hook did not run {count} time(s) within {timeout}s")
 
 
 def unhex(value: str) -> bytes:

@@ -6,6 +6,8 @@ hooks and saves its state, across reloads and restarts. Nothing sleeps, no /proc
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -94,19 +96,24 @@ class FakeScanner:
 
 
 class Events:
-    """The EventLog's place: every event the daemon emits, in order."""
+    """A real EventLog writing JSON lines to memory, read back as (event, fields)."""
 
     def __init__(self) -> None:
-        self.all: list[tuple[str, dict[str, Any]]] = []
+        self.stream = io.StringIO()
+        self.log = EventLog("json", stream=self.stream)
+        self._taken = 0
 
-    def emit(self, event: str, fields: Mapping[str, Any] | None = None) -> None:
-        self.all.append((event, dict(fields or {})))
+    @property
+    def all(self) -> list[tuple[str, dict[str, Any]]]:
+        lines = self.stream.getvalue().splitlines()[self._taken:]
+        return [(fields.pop("event"), fields) for fields in map(json.loads, lines)]
 
     def names(self) -> list[str]:
         return [name for name, _ in self.all]
 
     def take(self) -> list[tuple[str, dict[str, Any]]]:
-        taken, self.all = self.all, []
+        taken = self.all
+        self._taken += len(taken)
         return taken
 
 
@@ -140,7 +147,7 @@ class World:
 
     def daemon(self) -> tuple[Daemon, FakeScanner, Events, Hooks]:
         scanner, events, hooks = FakeScanner(), Events(), Hooks()
-        daemon = Daemon(load_config(str(self.config_path)), _as(EventLog, events), scanner=scanner,
+        daemon = Daemon(load_config(str(self.config_path)), events.log, scanner=scanner,
                         hooks=_as(HookRunner, hooks), state=self.state, clock=self.clock)
         self.daemons.append(daemon)
         return daemon, scanner, events, hooks

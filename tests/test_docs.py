@@ -9,7 +9,7 @@ import shlex
 import pytest
 
 from portwatch.cli import build_parser
-from tests.conftest import ROOT
+from tests.conftest import EVENT_NAMES, ROOT
 
 README = (ROOT / "README.md").read_text()
 
@@ -43,3 +43,11 @@ def test_quick_start_has_two_commands_and_ci_runs_the_second() -> None:
     assert len(commands) == 2
     assert "portwatch run --config etc/portwatch.yaml" in commands[0]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_event_is_in_the_events_table() -> None:
+    """Each event portwatch emits has a row in the README's table (`event` or `a` / `b`)."""
+    table = README.split("### Events", 1)[1].split("\n### ", 1)[0]
+    documented = {name for row in table.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    assert documented == EVENT_NAMES

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -25,28 +24,26 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PROGRAMS, ROOT, DaemonProcess, Holder, free_ports, masked_net_tables
+from tests.conftest import (
+    PROGRAMS,
+    DaemonProcess,
+    Holder,
+    free_ports,
+    hook_records,
+    in_mount_namespace_of,
+    masked_net_tables,
+    no_netlink,
+    read_pids,
+    reserved_config,
+    run_cli,
+    run_python,
+    wait_exited,
+)
 from tests.journald_fixture import start_journald, stop_journald
-from tests.test_hostile import hook_records, in_mount_namespace_of, need_root
 
 MISBEHAVE = PROGRAMS / "misbehave_hook.py"
 RECORDER = PROGRAMS / "record_event.py"
 TCP = {"proto": "tcp", "family": 4, "address": "127.0.0.1"}
-
-
-def reserved_config(path: Path, rules: list[tuple[str, list[int], list[str]]],
-                    hooks: dict[str, tuple[list[str], float]], *, interval: float = 0.2,
-                    extra: str = "") -> Path:
-    """A config with one rule per (name, ports, hook names) and the given hooks (argv, timeout)."""
-    text = f"interval: {interval}\nhook_cooldown: 0\n{extra}reserved:\n"
-    for name, ports, hook_names in rules:
-        text += f"  - name: {name}\n    ports: {json.dumps(ports)}\n    hooks: {json.dumps(hook_names)}\n"
-    if hooks:
-        text += "hooks:\n"
-        for name, (argv, timeout) in hooks.items():
-            text += f"  {name}:\n    command: {json.dumps(argv)}\n    timeout: {timeout}\n"
-    path.write_text(text)
-    return path
 
 
 
@@ -71,21 +68,6 @@ def children_of(pid: int) -> list[tuple[int, str]]:
         if int(fields[1]) == pid:
             found.append((int(name), fields[0]))
     return found
-
-
-def read_pids(path: Path, timeout: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} was never written"
-        time.sleep(0.02)
-    return [int(p) for p in path.read_text().split()]
-
-
-def wait_gone(pid: int, timeout: float = 3.0) -> str | None:
-    deadline = time.monotonic() + timeout
-    while (state := proc_state(pid)) not in (None, "Z") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return state
 
 
 def rss_kib(pid: int) -> int:
@@ -150,10 +132,10 @@ def test_every_hook_failure_is_reported_bounded_and_reaped(
     finally:
         os.kill(grandchild, signal.SIGKILL)
     hook_pid, hang_child = read_pids(hang_pids)
-    assert wait_gone(hook_pid) is None  # killed and reaped, not a zombie
-    assert wait_gone(hang_child) in (None, "Z")  # killed with its group (reaped by its own parent)
+    assert wait_exited(hook_pid) and proc_state(hook_pid) is None  # killed and reaped, not a zombie
+    assert wait_exited(hang_child)  # killed with its group (reaped by its own parent)
     (flood_pid,) = read_pids(flood_pids)
-    assert wait_gone(flood_pid) is None
+    assert wait_exited(flood_pid) and proc_state(flood_pid) is None
     assert not [c for c in children_of(d.pid) if c[1] == "Z"], children_of(d.pid)
     # 200 MB of output went to a file trimmed as it grew, never into the daemon's memory.
     assert rss_kib(d.pid) - rss_before < 20_000
@@ -223,7 +205,7 @@ def test_hook_burst_is_bounded_and_detection_never_stalls(
     assert sampler.stop() == 2
     assert d.stop() == 0
     for pid in running:
-        assert wait_gone(pid, 1.0) is None
+        assert wait_exited(pid) and proc_state(pid) is None
     assert len(pids.read_text().split()) == 2  # nothing queued was started at shutdown
 
 
@@ -298,7 +280,6 @@ def test_journald_killed_mid_run_events_continue_on_stdout(
 ) -> None:
     """--log-format journal, then journald is SIGKILLed: every later event is a JSON line on stdout,
     none is lost, none is written twice, and detection and hooks go on."""
-    need_root()
     journal, jproc = start_journald(tmp_path)
     try:
         before, after = free_ports(2)
@@ -361,7 +342,6 @@ def test_journald_hung_does_not_stall_detection(
 
     The sender waits SEND_TIMEOUT (2 s) for each event before falling back, so a stuck journald
     makes every event cost 2 s and a burst of them stalls the scan loop for minutes."""
-    need_root()
     journal, jproc = start_journald(tmp_path)
     senders: list[socket.socket] = []
     try:
@@ -421,50 +401,17 @@ def test_broken_stdout_does_not_stop_the_watch(
 
 # --- netlink refused -------------------------------------------------------------------------------
 
-# Installs a seccomp filter that makes socket(AF_NETLINK, ...) fail with EAFNOSUPPORT, as
-# systemd's RestrictAddressFamilies= does, then execs the rest of argv under it.
-SECCOMP_LAUNCHER = r"""
-import ctypes, os, struct, sys
-ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
-audit_arch, nr_socket = ARCH[os.uname().machine]
-AF_NETLINK, EAFNOSUPPORT = 16, 97
-LD_ABS, JEQ, RET = 0x20, 0x15, 0x06
-ALLOW, ERRNO = 0x7FFF0000, 0x00050000
-program = [
-    (LD_ABS, 0, 0, 4), (JEQ, 0, 5, audit_arch),  # seccomp_data.arch
-    (LD_ABS, 0, 0, 0), (JEQ, 0, 3, nr_socket),   # seccomp_data.nr
-    (LD_ABS, 0, 0, 16), (JEQ, 0, 1, AF_NETLINK),  # seccomp_data.args[0], low word
-    (RET, 0, 0, ERRNO | EAFNOSUPPORT), (RET, 0, 0, ALLOW),
-]
-filters = b"".join(struct.pack("HBBI", *insn) for insn in program)
-buf = ctypes.create_string_buffer(filters)
-class Fprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-fprog = Fprog(len(program), ctypes.addressof(buf))
-libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
-if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) or libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0):
-    raise OSError(ctypes.get_errno(), "seccomp")
-os.execv(sys.argv[1], sys.argv[1:])
-"""
-
-
 def test_netlink_refused_falls_back_to_proc(
     tmp_path: Path, holders: Callable[..., Holder], daemons: Callable[..., DaemonProcess],
 ) -> None:
     """With AF_NETLINK refused by a seccomp filter, the daemon says so at start (socket_source proc,
     the reason, no proc connector) and still reports listeners and squatters from /proc/net."""
-    if platform.machine() not in ("x86_64", "aarch64"):
-        pytest.fail(f"the seccomp launcher knows no syscall numbers for {platform.machine()}")
-    probe = subprocess.run(
-        [sys.executable, "-c", SECCOMP_LAUNCHER, sys.executable, "-c",
-         "import socket\ntry:\n socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)\n"
-         "except OSError as e:\n print(e.errno)\nsocket.socket().close()"],
-        capture_output=True, text=True, check=False, timeout=20)
+    probe = run_python("import socket\ntry:\n socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 4)\n"
+                       "except OSError as e:\n print(e.errno)\nsocket.socket().close()", prefix=no_netlink())
     assert probe.stdout.strip() == "97", probe  # the filter works, and only on AF_NETLINK
     (port,) = free_ports(1)
     cfg = reserved_config(tmp_path / "pw.yaml", [("guarded", [port], [])], {})
-    d = daemons(cfg, prefix=[sys.executable, "-c", SECCOMP_LAUNCHER])
+    d = daemons(cfg, prefix=no_netlink())
     started = d.wait_event("portwatch_started", timeout=10)
     assert started["socket_source"] == "proc"
     assert "Address family not supported" in started["netlink_unavailable"]
@@ -481,12 +428,8 @@ def test_netlink_refused_falls_back_to_proc(
 def test_forced_netlink_that_is_refused_fails_at_start(tmp_path: Path) -> None:
     """--source netlink where netlink is refused: one line and exit 69 at start, not an error per scan."""
     cfg = reserved_config(tmp_path / "pw.yaml", [], {})
-    result = subprocess.run(
-        [sys.executable, "-c", SECCOMP_LAUNCHER, sys.executable, "-m", "portwatch", "run",
-         "--config", str(cfg), "--source", "netlink", "--log-format", "json",
-         "--state-dir", str(tmp_path / "state")],
-        capture_output=True, text=True, check=False, timeout=20, cwd=ROOT,
-    )
+    result = run_cli("run", "--config", str(cfg), "--source", "netlink", "--log-format", "json",
+                     "--state-dir", str(tmp_path / "state"), prefix=no_netlink())
     assert result.returncode == 69, result
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "--source netlink" in lines[0] and "Traceback" not in result.stderr
@@ -502,7 +445,6 @@ def test_an_unreadable_table_closes_nothing_until_it_is_read_again(
     """/proc/net/tcp made unreadable under a running daemon (--source proc): scan_failed once,
     naming it; a listener that closes meanwhile is not reported closed while the other tables
     are still watched; once the table is back, scan_recovered, then the closing."""
-    need_root()
     saved = tmp_path / "net"
     cfg = reserved_config(tmp_path / "pw.yaml", [], {})
     d = daemons(cfg, "--source", "proc", prefix=masked_net_tables(saved))

@@ -40,7 +40,6 @@ from portwatch.procfs import (
     parse_cmdline,
     parse_comm,
     parse_net_table,
-    parse_socket_link,
     parse_status_uid,
 )
 from portwatch.state import FORMAT_VERSION, StateError, StateStore, boot_id
@@ -254,26 +253,6 @@ def test_cgroup_unit_any_text(lines: list[str]) -> None:
     if unit is not None:
         assert "/" not in unit and "\n" not in unit
         assert unit.endswith((".service", ".scope", ".socket", ".mount", ".swap"))
-
-
-@FUZZ
-@given(st.one_of(st.text(max_size=30),
-                 st.builds(lambda d: f"socket:[{d}]", st.text(max_size=8)),
-                 st.builds(lambda d: f"socket:[{d}]", st.sampled_from(["²", "٣", "\u07c0", "1²", "+1", "-1", " 1"]))))
-@example("socket:[²]")
-def test_socket_link_any_target(target: str) -> None:
-    """An fd link target: a socket inode (a non-negative int) or None, never an exception.
-
-    A target is any path a process opened, so '/x/socket:[1]' and the like are attacker data.
-    """
-    inode = parse_socket_link(target)
-    assert inode is None or (isinstance(inode, int) and inode >= 0)
-
-
-@FUZZ
-@given(st.integers(0, 2**64))
-def test_socket_link_round_trip(inode: int) -> None:
-    assert parse_socket_link(f"socket:[{inode}]") == inode
 
 
 # --- the /proc readers over real files with arbitrary content --------------------------------------

@@ -27,7 +27,7 @@ from portwatch.hooks import (
     hook_environment,
 )
 from portwatch.text import decode, encode
-from tests.conftest import PROGRAMS, python_for_nobody
+from tests.conftest import PROGRAMS, python_for_nobody, read_pids, wait_exited
 
 RECORD = str(PROGRAMS / "record_hook.py")
 MISBEHAVE = str(PROGRAMS / "misbehave_hook.py")
@@ -115,13 +115,6 @@ def leftovers() -> Iterator[list[int]]:
             pass
 
 
-@pytest.fixture
-def as_root() -> None:
-    # Fail, not skip, where these cannot run: they are the capability checks.
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (capability drop, setpriv, another user)")
-
-
 def records(outdir: Path, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
@@ -137,35 +130,12 @@ def record_env(record: dict[str, Any]) -> dict[bytes, bytes]:
     return {bytes.fromhex(k): bytes.fromhex(v) for k, v in record["env"].items()}
 
 
-def read_pids(path: Path, timeout: float = 10.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never written"
-        time.sleep(0.01)
-    return [int(pid) for pid in path.read_text().split()]
-
-
 def wait_idle(runner: HookRunner, timeout: float = 2.0) -> int:
     """`running` once the workers have finished reporting (it counts until then)."""
     deadline = time.monotonic() + timeout
     while runner.running and time.monotonic() < deadline:
         time.sleep(0.005)
     return runner.running
-
-
-def is_dead(pid: int, timeout: float = 2.0) -> bool:
-    """True once `pid` is gone, or a zombie waiting for init (it is dead either way)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:
-            return True
-        state, ppid = stat.rpartition(")")[2].split()[:2]
-        if state == "Z" and int(ppid) != os.getpid():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 # -- the environment ---------------------------------------------------------------
@@ -265,7 +235,6 @@ def test_hook_gets_argv_environment_stdin_and_its_own_session(
 
 
 @pytest.mark.root
-@pytest.mark.usefixtures("as_root")
 def test_root_daemon_hook_runs_without_any_capability(
     make_runner: Callable[..., HookRunner], events: Events, tmp_path: Path
 ) -> None:
@@ -382,7 +351,6 @@ def _other_users_private_file(tmp_path: Path) -> str:
 
 
 @pytest.mark.root
-@pytest.mark.usefixtures("as_root")
 @pytest.mark.parametrize(
     ("make_command", "reason"),
     [
@@ -410,7 +378,6 @@ def test_spawn_errors_are_reported_under_setpriv(
 
 
 @pytest.mark.root
-@pytest.mark.usefixtures("as_root")
 def test_unprivileged_daemon_reports_spawn_errors_and_drops_ambient_caps(readable_tree: Path) -> None:
     # Runs the runner itself as nobody with an ambient capability, the way the
     # unit runs the daemon, from a copy nobody can read (the checkout may be root's alone).
@@ -465,7 +432,7 @@ def test_hanging_hook_and_its_child_are_killed_at_timeout(
     assert fields["exit_code"] is None
     assert fields["duration"] >= 0.5 + KILL_GRACE  # TERM at the timeout, KILL only after the grace
     assert not Path(f"/proc/{leader}").exists()  # reaped: no zombie
-    assert is_dead(child)
+    assert wait_exited(child)
 
 
 def test_child_left_in_the_group_is_killed_when_the_hook_exits(
@@ -477,7 +444,7 @@ def test_child_left_in_the_group_is_killed_when_the_hook_exits(
     ((name, _fields),) = events.wait(1)  # reported although the child sleeps for 30 s
     assert name == "hook_finished"
     (child,) = read_pids(pidfile)
-    assert is_dead(child)
+    assert wait_exited(child)
 
 
 def test_output_flood_is_kept_to_a_bounded_tail(
@@ -530,7 +497,7 @@ def test_detached_grandchild_does_not_delay_the_report(
     assert name == "hook_finished"
     # Reported while the grandchild, which escaped the group kill and holds the output file
     # (never a pipe we read), still runs: its 30 s did not delay the report.
-    assert not is_dead(grandchild, timeout=0.1)
+    assert not wait_exited(grandchild, timeout=0.1)
 
 
 # -- concurrency, cool-down, queue -------------------------------------------------
@@ -646,7 +613,7 @@ def test_close_ends_running_hooks_promptly(
     failed = events.named("hook_failed")
     assert sorted(f["hook"] for f in failed) == ["hang0", "hang1"]  # the queued one never ran
     assert {f["reason"] for f in failed} == {"shutdown"}
-    assert all(is_dead(pid) for pid in pids)
+    assert all(wait_exited(pid) for pid in pids)
     assert not runner.submit("late", ["/bin/true"], 10, EVENT, 9)
     assert events.named("hook_dropped") == [
         {"hook": "late", "reason": "shutting down", "rule": "ssh", "port": 22}

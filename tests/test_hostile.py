@@ -28,15 +28,18 @@ import pytest
 
 from tests.conftest import (
     AS_NOBODY,
+    EVENT_NAMES,
     PROGRAMS,
     ROOT,
     DaemonProcess,
     Holder,
     clean_env,
     free_port,
+    hook_records,
+    in_mount_namespace_of,
     python_for_nobody,
 )
-from tests.journald_fixture import Journald, field_values, journald  # noqa: F401 (fixture)
+from tests.journald_fixture import Journald, field_values
 
 RECORDER = PROGRAMS / "record_event.py"
 Event = dict[str, Any]
@@ -47,12 +50,6 @@ FORGING_COMM = b"x\nMESSAGE=pwn\x1b"
 TTY_COMM = b"ev\x1b[31m\xc2\x9b\n$(id)"
 # Raw bytes a terminal would act on, or that would start a new line or reorder text.
 RAW_CONTROLS = [b"\x1b", b"\x07", b"\xc2\x9b", b"\xe2\x80\xae", b"\xe2\x80\xa8", b"\xc2\x85", b"\xff"]
-EVENT_NAMES = {
-    "portwatch_started", "portwatch_stopping", "listener_opened", "listener_closed", "owner_changed",
-    "reserved_port_taken", "hook_finished", "hook_failed", "hook_suppressed", "hook_dropped",
-    "config_reloaded", "config_rejected", "degraded", "state_restored", "state_reset", "scan_failed",
-    "scan_recovered",
-}
 
 
 def hostile_argv(marker: Path) -> list[bytes]:
@@ -87,28 +84,6 @@ def guarded_config(path: Path, port: int, hook_out: Path, *, interval: float = 0
     return path
 
 
-def hook_records(path: Path, count: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
-            lines = path.read_text().splitlines()
-            if len(lines) >= count:
-                return [json.loads(line) for line in lines]
-        time.sleep(0.05)
-    raise AssertionError(f"the hook did not run {count} time(s) within {timeout}s")
-
-
-def in_mount_namespace_of(pid: int) -> list[str]:
-    """A prefix that runs a command in `pid`'s mount namespace, in this checkout (setns to a mount
-    namespace moves the working directory to its root)."""
-    return ["nsenter", f"--target={pid}", "--mount", f"--wd={ROOT}", "--"]
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (namespaces, setpriv); CI runs as root")
-
-
 # --- the journal path -----------------------------------------------------------------------------
 
 
@@ -124,7 +99,6 @@ def test_journal_one_entry_per_event_with_exact_bytes(
     """--log-format journal against a real journald: each event is one entry; PORTWATCH_COMM and
     PORTWATCH_CMDLINE carry the exact bytes; the name forges no field, no PRIORITY and no
     MESSAGE_ID; MESSAGE holds no control character; nothing reaches stdout; no shell ran."""
-    need_root()
     marker = tmp_path / "pwned"
     port = free_port()
     out = tmp_path / "hook.jsonl"
@@ -354,7 +328,6 @@ def test_unprivileged_watcher_says_what_it_cannot_see(
     its rule would allow it, and never called disallowed; a squatter run as nobody is verified with
     its pid; one degraded event names the missing capabilities. A root watcher on the same config
     sees the first squatter is allowed."""
-    need_root()
     python, work = python_for_nobody(), nobody_work
     root_port, nobody_port = free_port(), free_port()
     out = work / "hook.jsonl"

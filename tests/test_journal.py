@@ -23,23 +23,16 @@ from portwatch.journal import (
     stream_is_journal,
     valid_field_name,
 )
+from tests.conftest import EVENT_NAMES
 from tests.journald_fixture import (
     FakeJournal,
     Journald,
-    fake_journal,  # noqa: F401  (fixture)
     field_values,
-    journald,  # noqa: F401  (fixture)
     parse_native,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 CATALOG = REPO / "systemd" / "portwatch.catalog"
-EVENTS = {
-    "portwatch_started", "portwatch_stopping", "listener_opened", "listener_closed",
-    "owner_changed", "reserved_port_taken", "hook_finished", "hook_failed", "hook_suppressed",
-    "hook_dropped", "config_reloaded", "config_rejected", "degraded", "state_restored",
-    "state_reset", "scan_failed", "scan_recovered",
-}  # fmt: skip
 # A process may name itself anything, newlines and escape sequences included.
 HOSTILE_COMM = "ng\x1b[31minx\nPRIORITY=0\nMESSAGE_ID=00000000000000000000000000000000\n"
 
@@ -84,7 +77,7 @@ def test_field_name_rejects_what_would_be_invalid(key: str) -> None:
 
 
 def test_message_ids_one_per_event_fixed_format() -> None:
-    assert set(MESSAGE_IDS) == EVENTS
+    assert set(MESSAGE_IDS) == EVENT_NAMES
     for event, mid in MESSAGE_IDS.items():
         assert re.fullmatch(r"[0-9a-f]{32}", mid), event
     assert len(set(MESSAGE_IDS.values())) == len(MESSAGE_IDS)

@@ -7,13 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from portwatch.libc import drop_ambient_capabilities, punch_hole
-from tests.conftest import ROOT
+import pytest
+
+from portwatch.libc import punch_hole
+from tests.conftest import ROOT, run_python
 
 
-def test_drop_ambient_capabilities_is_quiet_without_any() -> None:
-    drop_ambient_capabilities()  # nothing to clear here: must not raise
-    drop_ambient_capabilities()
+@pytest.mark.root
+def test_drop_ambient_capabilities_clears_what_children_would_inherit() -> None:
+    """Started with an ambient capability (as the unit grants them), the set is empty after the
+    call, and again after a second one."""
+    code = ("from portwatch.libc import drop_ambient_capabilities as drop\n"
+            "ambient = lambda: next(x for x in open('/proc/self/status') if x.startswith('CapAmb')).split()[1]\n"
+            "print(ambient()); drop(); print(ambient()); drop(); print(ambient())")
+    grant = ["setpriv", "--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
+    result = run_python(code, prefix=grant)
+    assert result.stdout.split() == ["0000000000000400", "0" * 16, "0" * 16]  # bit 10: CAP_NET_BIND_SERVICE
 
 
 def test_punch_hole_frees_blocks_and_keeps_the_size(tmp_path: Path) -> None:
@@ -36,6 +45,8 @@ def test_punch_hole_frees_blocks_and_keeps_the_size(tmp_path: Path) -> None:
 # stays in use and malloc cannot give it back by itself), then trim. Prints resident KiB.
 TRANSIENT = """
 import sys
+import pytest
+
 from portwatch.libc import release_free_heap
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])

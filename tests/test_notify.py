@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from portwatch.notify import SYSTEMD_PRIVATE_ENV, Notifier, ascii_line, socket_address
+from portwatch.notify import Notifier, ascii_line, socket_address
 
 
 class Receiver:
@@ -305,6 +305,3 @@ def test_non_ascii_message_is_a_bug_not_a_silent_drop(
     with Notifier(env) as notifier, pytest.raises(ValueError, match="ASCII"):
         notifier._send("STATUS=✓")
 
-
-def test_systemd_private_env() -> None:
-    assert SYSTEMD_PRIVATE_ENV == ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import selectors
 import socket
 import struct
@@ -22,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from portwatch.procconn import ProcConnector, parse_event
-from tests.conftest import AS_NOBODY, ROOT, DaemonProcess, Holder, python_for_nobody
-from tests.test_sockdiag import SECCOMP_NO_NETLINK
+from tests.conftest import AS_NOBODY, DaemonProcess, Holder, no_netlink, python_for_nobody, run_python
 
 Event = tuple[str, int]
 
@@ -66,6 +64,7 @@ print(json.dumps({"grandchild": pid, "thread": tid[0]}))
 """
 
 
+@pytest.mark.root
 def test_fork_exec_exit_of_real_processes(conn: ProcConnector) -> None:
     conn.read_events()  # drop what came before
     child = subprocess.Popen([sys.executable, "-c", _CHILD], stdout=subprocess.PIPE, text=True)
@@ -88,6 +87,7 @@ def test_fork_exec_exit_of_real_processes(conn: ProcConnector) -> None:
     assert {kind for kind, _ in seen} <= {"fork", "exec", "exit"}
 
 
+@pytest.mark.root
 def test_a_fork_wakes_the_reader(conn: ProcConnector) -> None:
     """The socket becomes readable for a fork (collect waits on it in a selector)."""
     conn.read_events()
@@ -99,6 +99,7 @@ def test_a_fork_wakes_the_reader(conn: ProcConnector) -> None:
     assert ("fork", pid) in seen
 
 
+@pytest.mark.root
 def test_overrun_is_reported_then_events_resume(conn: ProcConnector) -> None:
     # The smallest receive buffer holds a couple of events; 40 events overflow it.
     conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 0)
@@ -118,6 +119,7 @@ def test_overrun_is_reported_then_events_resume(conn: ProcConnector) -> None:
     assert {("fork", pid), ("exit", pid)} <= set(seen)
 
 
+@pytest.mark.root
 def test_read_events_never_blocks(conn: ProcConnector) -> None:
     """The socket is non-blocking, so read_events returns what is there, [] when nothing is."""
     assert not os.get_blocking(conn.fileno())
@@ -125,6 +127,7 @@ def test_read_events_never_blocks(conn: ProcConnector) -> None:
         assert isinstance(conn.read_events(), list)
 
 
+@pytest.mark.root
 def test_close_twice(conn: ProcConnector) -> None:
     conn.close()
     conn.close()
@@ -200,8 +203,6 @@ def outcomes(started: dict[str, subprocess.Popen[str]]) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def kernel_connector(readable_tree: Path) -> dict[str, str]:
     """What the kernel does in each context, probed once per run by a client independent of portwatch."""
-    if os.geteuid() != 0:
-        pytest.fail("the probes drop privileges and make namespaces: run the suite as root")
     probe = str(readable_tree / "programs" / "connector_probe.py")
     return outcomes({context: run_in(context, readable_tree, probe) for context in CONTEXTS})
 
@@ -244,16 +245,7 @@ def test_the_daemon_uses_events_where_the_kernel_gives_them(
 
 def test_unavailable_when_netlink_is_forbidden() -> None:
     """Under a RestrictAddressFamilies-like seccomp filter open() raises OSError(EAFNOSUPPORT)."""
-    if platform.machine() not in ("x86_64", "aarch64"):
-        pytest.skip(f"seccomp test knows x86_64 and aarch64 syscalls, not {platform.machine()}")
-    result = subprocess.run(
-        [sys.executable, "-c", SECCOMP_NO_NETLINK, _PROBE],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_python(_PROBE, prefix=no_netlink())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "errno EAFNOSUPPORT"
 

@@ -16,7 +16,6 @@ from portwatch.procfs import (
     parse_comm,
     parse_last_pid,
     parse_net_table,
-    parse_socket_link,
     parse_status_uid,
 )
 
@@ -141,16 +140,6 @@ def test_decode_address_examples() -> None:
     """The docstring examples hold."""
     assert decode_address("0100007F", "little") == (4, "127.0.0.1")
     assert decode_address("7F000001", "big") == (4, "127.0.0.1")
-
-
-@pytest.mark.parametrize(
-    ("target", "inode"),
-    [("socket:[12345]", 12345), ("socket:[]", None), ("pipe:[12]", None), ("/dev/null", None),
-     ("socket:[12a]", None), ("anon_inode:[eventpoll]", None), ("socket:[0]", 0)],
-)
-def test_socket_link(target: str, inode: int | None) -> None:
-    """Only `socket:[N]` link targets are sockets."""
-    assert parse_socket_link(target) == inode
 
 
 @pytest.mark.parametrize(("text", "expected"), [

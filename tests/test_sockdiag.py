@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from portwatch import sockdiag
 from portwatch.model import Proto, Socket
 from portwatch.proc import ProcFS
 from portwatch.sockdiag import SockDiagUnavailable, list_listeners
-from tests.conftest import AS_NOBODY, ROOT, Holder, python_for_nobody
+from tests.conftest import AS_NOBODY, Holder, no_netlink, python_for_nobody, run_python
 
 
 def _inode(sock: socket.socket) -> int:
@@ -251,7 +248,6 @@ def test_same_listeners_as_proc(opened: Callable[..., socket.socket]) -> None:
 @pytest.mark.root
 def test_uid_of_another_users_listener(holders: Callable[..., Holder], readable_tree: Path) -> None:
     """The uid is the socket owner's, here nobody's (65534), as /proc shows it."""
-    assert os.geteuid() == 0, "this test drops privileges with setpriv and must start as root"
     holder = holders(
         [
             {"proto": "tcp", "family": 6, "address": "::1"},
@@ -307,7 +303,6 @@ print(json.dumps({"opened": opened, "netlink": rows(netlink), "proc": rows(table
 @pytest.mark.root
 def test_addresses_in_a_network_namespace() -> None:
     """In an otherwise empty netns, both paths list exactly our listeners, in RFC 5952 form."""
-    assert os.geteuid() == 0, "unshare --net needs root"
     addresses = [
         "2001:db8::1",
         "fd00:1:2::5",
@@ -340,21 +335,8 @@ def test_addresses_in_a_network_namespace() -> None:
         "127.5.6.7": "127.5.6.7",
         "0.0.0.0": "0.0.0.0",
     }
-    result = subprocess.run(
-        [
-            "unshare",
-            "--net",
-            sys.executable,
-            "-c",
-            _IN_NETNS,
-            json.dumps({"addresses": addresses, "sockets": sockets}),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_python(_IN_NETNS, json.dumps({"addresses": addresses, "sockets": sockets}),
+                        prefix=["unshare", "--net"])
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     expected = sorted(
@@ -365,38 +347,8 @@ def test_addresses_in_a_network_namespace() -> None:
     assert out["proc"] == expected
 
 
-# Install a seccomp filter that fails socket(AF_NETLINK, ...) with
-# EAFNOSUPPORT, which is what systemd's RestrictAddressFamilies= does, then
-# run the code given on the command line.
-SECCOMP_NO_NETLINK = r"""
-import ctypes, platform, struct, sys
-ARCH = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
-arch, nr_socket = ARCH[platform.machine()]
-LD, JEQ, RET = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
-prog = [
-    (LD, 0, 0, 4), (JEQ, 0, 5, arch),        # seccomp_data.arch
-    (LD, 0, 0, 0), (JEQ, 0, 3, nr_socket),   # .nr
-    (LD, 0, 0, 16), (JEQ, 0, 1, 16),         # .args[0] (low half) == AF_NETLINK
-    (RET, 0, 0, 0x00050000 | 97),            # SECCOMP_RET_ERRNO | EAFNOSUPPORT
-    (RET, 0, 0, 0x7FFF0000),                 # SECCOMP_RET_ALLOW
-]
-raw = b"".join(struct.pack("=HBBI", *ins) for ins in prog)
-buf = ctypes.create_string_buffer(raw)
-class Fprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-fprog = Fprog(len(prog), ctypes.addressof(buf))
-libc = ctypes.CDLL(None, use_errno=True)
-# PR_SET_NO_NEW_PRIVS, then PR_SET_SECCOMP with SECCOMP_MODE_FILTER
-if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0):
-    raise OSError(ctypes.get_errno(), "prctl")
-exec(sys.argv[1])
-"""
-
-
 def test_unavailable_when_netlink_is_forbidden() -> None:
     """Under a RestrictAddressFamilies-like seccomp filter: SockDiagUnavailable; /proc works."""
-    if platform.machine() not in ("x86_64", "aarch64"):
-        pytest.skip(f"seccomp test knows x86_64 and aarch64 syscall numbers, not {platform.machine()}")
     child = r"""
 from portwatch.sockdiag import SockDiagUnavailable, list_listeners
 from portwatch.proc import ProcFS
@@ -406,14 +358,7 @@ except SockDiagUnavailable as exc:
     print("unavailable:", exc)
 print("proc:", ProcFS().read_sockets().complete)
 """
-    result = subprocess.run(
-        [sys.executable, "-c", SECCOMP_NO_NETLINK, child],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    result = run_python(child, prefix=no_netlink())
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("unavailable: cannot open a NETLINK_SOCK_DIAG socket:")

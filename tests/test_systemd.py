@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PROGRAMS, ROOT, Holder, start_holder
-from tests.systemd_sandbox import Sandbox, field_bytes, systemd_sandbox  # noqa: F401 (fixture)
+from tests.conftest import PROGRAMS, ROOT, Holder, free_port, start_holder
+from tests.systemd_sandbox import Sandbox, field_bytes
 
 UNIT = "portwatch.service"
 SHIPPED = ROOT / "systemd" / UNIT
@@ -37,12 +36,6 @@ STATE_DIR = "/var/lib/private/portwatch"  # StateDirectory=portwatch with Dynami
 HOOK_DIR = "/var/lib/portwatch"  # the same directory as the service sees it
 
 pytestmark = [pytest.mark.systemd, pytest.mark.root]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def exposure(output: str) -> float:
@@ -167,7 +160,7 @@ def installed(systemd_sandbox: Sandbox) -> Iterator[Installed]:
     etc = sandbox.workdir / "etc"
     etc.mkdir()
     etc.chmod(0o755)
-    ports = (_free_port(), _free_port(), _free_port())
+    ports = (free_port(), free_port(), free_port())
     config = etc / "portwatch.yaml"
     config.write_text(
         CONFIG.format(p1=ports[0], p2=ports[1], p3=ports[2], programs=programs, hook_dir=HOOK_DIR)
