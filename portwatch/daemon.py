@@ -242,6 +242,8 @@ class Daemon:
         """Read the config again: a valid one replaces the old, an invalid one is refused."""
         self._reload = False
         self.notifier.reloading()
+        if signal_requested:
+            self.watcher.adopt()  # what is read now answers any change the watcher has yet to report
         path = self.config.path
         try:
             new, problems = load_config(path), None

@@ -192,6 +192,10 @@ class ConfigWatcher:
             return True
         return False
 
+    def adopt(self) -> None:
+        """The file as it is now is being read (a reload was asked for): not a change to report."""
+        self._sig, self._settling = _signature(self._path), None
+
     def matches(self) -> bool:
         """Whether the file still looks as it did when `changed()` last reported it.
 
