@@ -19,7 +19,8 @@ from typing import Any, NoReturn, TextIO
 
 from portwatch import __version__
 from portwatch.access import advice
-from portwatch.model import Proto
+from portwatch.activation import Unavailable, UnitCache, match
+from portwatch.model import Proto, is_manager
 from portwatch.proc import ProcFS
 from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import ProcParseError
@@ -33,7 +34,7 @@ from portwatch.render import (
     process_rows,
     table,
 )
-from portwatch.scan import SocketLister, Source, full_scan
+from portwatch.scan import SocketLister, Source, full_scan, socket_units
 from portwatch.sockdiag import SockDiagUnavailable
 from portwatch.walk import Walk
 
@@ -274,10 +275,13 @@ def _selection(args: argparse.Namespace) -> tuple[tuple[Proto, ...], tuple[int, 
 def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, walk: Walk | None) -> int:
     protocols, families = _selection(args)
     snap, unread = full_scan(procfs, lister, protocols, families, walk=walk)
-    listeners = snap.sorted()
     if args.command == "who":
-        listeners = [x for x in listeners if x.socket.port == args.port]
+        asked = {i: x for i, x in snap.listeners.items() if x.socket.port == args.port}
+        snap = snap._replace(listeners=asked)
+    units = UnitCache(socket_units)
+    listeners = units.apply(snap).sorted()
     _warn_fallback(lister)
+    _warn_unattributed(units.problem)
     _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
     if args.json:
         _print_json([listener_json(x) for x in listeners])
@@ -314,13 +318,39 @@ def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
             held = {inode for inode in fds.values() if inode in by_inode}
             entry.sockets = sorted((by_inode[i] for i in held), key=lambda s: (s.proto, s.port))
         entries.append(entry)
+    problem = _attribute_socket_units(entries)
     _warn_fallback(lister)
+    _warn_unattributed(problem)
     _warn_unseen(procfs, denied, True)
     if args.json:
         _print_json([process_ports_json(e) for e in entries])
     else:
         _print_table(PROCESS_HEADERS, process_rows(entries))
     return _incomplete(table_read.errors) if table_read.errors else ExitStatus.OK
+
+
+def _attribute_socket_units(entries: list[ProcessPorts]) -> str | None:
+    """Name the socket unit of each socket systemd holds; why they could not be had, or None."""
+    held = [e for e in entries if e.sockets and is_manager(e.process)]
+    if not held:
+        return None
+    try:
+        units = socket_units()
+    except Unavailable as exc:
+        return str(exc)
+    for entry in held:
+        for sock in entry.sockets:
+            if (activation := match(sock, units)) is not None:
+                entry.socket_units[sock.inode] = activation
+    return None
+
+
+def _warn_unattributed(problem: str | None) -> None:
+    if problem is not None:
+        sys.stderr.write(
+            f"portwatch: socket units could not be resolved ({problem}); "
+            "sockets the service manager holds are shown as its own\n"
+        )
 
 
 def _warn_fallback(lister: SocketLister) -> None:

@@ -142,6 +142,7 @@ class Daemon:
         if state_event is not None:
             self.emit(*state_event)
         self.report.scan(scan.error, partial=scan.partial)
+        self.report.unattributed(scan.socket_units_problem)  # before the squatters it may explain
         if saved is not None:
             self.report.changes(saved.snapshot, snap, while_down=True, known=saved.taken)
         else:
@@ -208,6 +209,7 @@ class Daemon:
                 stale = self.report.changes(previous, scan.snapshot)
             self.saves.dirty |= stale
             self.report.denied(scan.snapshot, self.scanner.capabilities())
+            self.report.unattributed(scan.socket_units_problem)
         self._update_status()
 
     def _scan(self, *, early: bool) -> ScanResult:

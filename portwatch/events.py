@@ -41,6 +41,8 @@ def _owner_fields(listener: Listener, first: Process | None) -> dict[str, Any]:
         "user": first.user if first else None,
         "unit": first.unit if first else None,
         "unresolved": listener.unresolved.value if listener.unresolved else None,
+        "socket_unit": listener.socket_unit,
+        "service_unit": listener.service_unit,
     }
 
 
@@ -119,8 +121,11 @@ def describe(event: str, fields: dict[str, Any]) -> str:
     port = fields.get("port")
     address = endpoint(str(fields.get("address")), port if isinstance(port, int) else 0)
     values = _Fields(fields)
+    where = f"{fields.get('proto')}/{address}"
+    if fields.get("socket_unit"):
+        where += f" ({fields['socket_unit']} → {fields.get('service_unit') or '?'})"
     values.update(
-        where=f"{fields.get('proto')}/{address}",
+        where=where,
         who=_who(fields), offenders=_offenders(fields), previous=_pids(fields.get("previous_pids")),
         hook_for=f"hook {fields.get('hook')} for rule {fields.get('rule')} port {port}",
         failed="partly failed" if fields.get("partial") else "failed",

@@ -32,7 +32,8 @@ class Judge:
     __slots__ = ("_taken",)
 
     def __init__(self) -> None:
-        self._taken: dict[int, frozenset[Any]] = {}  # inode -> the owners reported taking it
+        # inode -> the owners reported taking it, and their pids
+        self._taken: dict[int, tuple[frozenset[Any], list[int]]] = {}
 
     def judge(
         self, listeners: Iterable[Listener], rule_for: RuleFor, *, at_startup: bool,
@@ -48,9 +49,10 @@ class Judge:
                 self._taken.pop(sock.inode, None)
                 continue
             identity = owner_identity(listener)
-            if self._taken.get(sock.inode) == identity:
+            said = self._taken.get(sock.inode)
+            if said is not None and said[0] == identity:
                 continue
-            self._taken[sock.inode] = identity
+            self._taken[sock.inode] = (identity, sorted(listener.pids))
             _, fields = violation_event(violation, at_startup=at_startup)
             reported_before = known is not None and known.get(sock.inode) == list(listener.pids)
             if known is not None:
@@ -67,7 +69,7 @@ class Judge:
 
     def taken(self) -> dict[int, list[int]]:
         """inode -> the pids reported taking it, for the state file."""
-        return {inode: sorted(pid for pid, *_ in identity) for inode, identity in self._taken.items()}
+        return {inode: pids for inode, (_, pids) in self._taken.items()}
 
     def __len__(self) -> int:
         return len(self._taken)

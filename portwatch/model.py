@@ -12,6 +12,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import NamedTuple
 
+# systemd runs itself, system or user manager, in the cgroup of the unit `init.scope`;
+# only root can move a process there, so no other process can pass for it.
+MANAGER_UNIT = "init.scope"
+
+
+def is_manager(process: Process) -> bool:
+    """The service manager itself: systemd, system or user instance."""
+    return process.unit == MANAGER_UNIT
+
 
 class Proto(StrEnum):
     TCP = "tcp"
@@ -62,15 +71,34 @@ class Process(NamedTuple):
 
 
 class Listener(NamedTuple):
-    """A listening socket with every process that holds it (sorted by pid)."""
+    """A listening socket with every process that holds it (sorted by pid).
+
+    A socket the service manager bound for a `.socket` unit names that unit
+    and the service it starts (`name@.service` for `Accept=yes`).
+    """
 
     socket: Socket
     processes: tuple[Process, ...] = ()
     unresolved: Unresolved | None = None  # set exactly when processes is empty
+    socket_unit: str | None = None
+    service_unit: str | None = None
 
     @property
     def pids(self) -> tuple[int, ...]:
         return tuple(p.pid for p in self.processes)
+
+    def serves_socket_unit(self, process: Process) -> bool:
+        """`process` holds this socket for its socket unit: the manager, or the service it started."""
+        if self.socket_unit is None:
+            return False
+        if is_manager(process):
+            return True
+        service = self.service_unit
+        if service is None or process.unit is None:
+            return False
+        if service.endswith("@.service"):  # Accept=yes: any instance of the template
+            return process.unit.startswith(service[: -len(".service")]) and process.unit.endswith(".service")
+        return process.unit == service
 
 
 class Snapshot(NamedTuple):

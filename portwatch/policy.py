@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from portwatch.model import Listener, Process, Proto
+from portwatch.model import MANAGER_UNIT, Listener, Process, Proto, is_manager
 
 PORT_MIN = 1
 PORT_MAX = 65535
@@ -44,6 +44,15 @@ class Allow:
 
     An entry with no keys set matches nothing, so a malformed entry can
     never allow everyone.
+
+    On a socket unit's listener, `unit` also matches the socket unit, so
+    `unit: demo.socket` allows every holder of demo.socket's socket. The
+    service manager (systemd, which binds the socket) is matched on `unit`
+    alone, against the socket unit and the service it starts: its name, path
+    and user say nothing about whose socket it holds, so an entry without
+    `unit` never allows it, and `comm: systemd*` is never what lets a port pass.
+    (A user's `systemd --user` whose socket unit is not known is matched as
+    the user's process it is.)
     """
 
     comm: str | None = None
@@ -51,7 +60,11 @@ class Allow:
     user: str | None = None  # a user name or a decimal uid
     unit: str | None = None
 
-    def matches(self, process: Process) -> bool:
+    def matches(self, process: Process, listener: Listener | None = None) -> bool:
+        socket_unit = listener.socket_unit if listener is not None else None
+        if is_manager(process) and (process.pid == 1 or socket_unit is not None):
+            units = (MANAGER_UNIT, socket_unit, listener.service_unit if listener is not None else None)
+            return self.unit is not None and any(_glob(u, self.unit) for u in units)
         if self.comm is None and self.exe is None and self.user is None and self.unit is None:
             return False
         if self.comm is not None and not fnmatchcase(process.comm, self.comm):
@@ -63,7 +76,7 @@ class Allow:
             or (process.uid is not None and fnmatchcase(str(process.uid), self.user))
         ):
             return False
-        return self.unit is None or _glob(process.unit, self.unit)
+        return self.unit is None or _glob(process.unit, self.unit) or _glob(socket_unit, self.unit)
 
 
 def _undeleted(exe: str | None) -> str | None:
@@ -95,8 +108,8 @@ class Rule:
     def covers(self, proto: Proto, port: int) -> bool:
         return proto == self.proto and any(port in r for r in self.ports)
 
-    def allows(self, process: Process) -> bool:
-        return any(entry.matches(process) for entry in self.allow)
+    def allows(self, process: Process, listener: Listener | None = None) -> bool:
+        return any(entry.matches(process, listener) for entry in self.allow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +139,7 @@ def evaluate(rule: Rule, listener: Listener) -> Violation | None:
         return None
     if not listener.processes:
         return Violation(rule=rule, listener=listener, offenders=(), verified=False)
-    offenders = tuple(p for p in listener.processes if not rule.allows(p))
+    offenders = tuple(p for p in listener.processes if not rule.allows(p, listener))
     if not offenders:
         return None
     return Violation(rule=rule, listener=listener, offenders=offenders, verified=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from portwatch.model import Listener, Process, Socket, endpoint
+from portwatch.model import Listener, Process, Socket, endpoint, is_manager
 from portwatch.text import escape, is_plain
 
 
@@ -37,6 +37,8 @@ def listener_json(listener: Listener) -> dict[str, Any]:
         "uid": s.uid,
         "processes": [process_json(p) for p in listener.processes],
         "unresolved": listener.unresolved.value if listener.unresolved else None,
+        "socket_unit": listener.socket_unit,
+        "service_unit": listener.service_unit,
     }
 
 
@@ -58,9 +60,16 @@ def listener_rows(listeners: Iterable[Listener], users: dict[int, str | None]) -
         for proc in listener.processes:
             user = proc.user or (str(proc.uid) if proc.uid is not None else "?")
             rows.append(
-                [*head, user, str(proc.pid), proc.comm, proc.unit or "", command_text(proc)]
+                [*head, user, str(proc.pid), proc.comm, unit_text(listener, proc), command_text(proc)]
             )
     return rows
+
+
+def unit_text(listener: Listener, proc: Process) -> str:
+    """The holder's unit; for systemd holding a socket unit's socket, that unit and its service."""
+    if is_manager(proc) and listener.socket_unit is not None:
+        return f"{listener.socket_unit} → {listener.service_unit or '?'}"
+    return proc.unit or ""
 
 
 LISTENER_HEADERS = ["PROTO", "LOCAL", "USER", "PID", "COMM", "UNIT", "COMMAND"]
@@ -69,20 +78,23 @@ LISTENER_HEADERS = ["PROTO", "LOCAL", "USER", "PID", "COMM", "UNIT", "COMMAND"]
 class ProcessPorts:
     """A process and the listening sockets it holds, for `portwatch ps`."""
 
-    __slots__ = ("fds_readable", "process", "sockets")
+    __slots__ = ("fds_readable", "process", "socket_units", "sockets")
 
     def __init__(self, process: Process) -> None:
         self.process = process
         self.sockets: list[Socket] = []
         self.fds_readable = True
+        # inode -> (socket unit, service unit) of the sockets systemd holds for socket units
+        self.socket_units: dict[int, tuple[str, str | None]] = {}
 
 
 def process_ports_json(entry: ProcessPorts) -> dict[str, Any]:
     out = process_json(entry.process)
-    out["ports"] = [
-        {"proto": s.proto.value, "address": s.address, "port": s.port, "inode": s.inode}
-        for s in entry.sockets
-    ]
+    out["ports"] = []
+    for s in entry.sockets:
+        socket_unit, service_unit = entry.socket_units.get(s.inode, (None, None))
+        out["ports"].append({"proto": s.proto.value, "address": s.address, "port": s.port, "inode": s.inode,
+                             "socket_unit": socket_unit, "service_unit": service_unit})
     out["fds_readable"] = entry.fds_readable
     return out
 
@@ -91,12 +103,17 @@ def process_rows(entries: Iterable[ProcessPorts]) -> list[list[str]]:
     rows = []
     for entry in entries:
         p = entry.process
-        ports = ",".join(f"{s.proto.value}/{endpoint(s.address, s.port)}" for s in entry.sockets)
+        ports = ",".join(_port_text(s, entry.socket_units.get(s.inode)) for s in entry.sockets)
         if not entry.fds_readable:
             ports = "(permission_denied)"
         user = p.user or (str(p.uid) if p.uid is not None else "?")
         rows.append([str(p.pid), user, p.comm, ports, command_text(p)])
     return rows
+
+
+def _port_text(s: Socket, units: tuple[str, str | None] | None) -> str:
+    text = f"{s.proto.value}/{endpoint(s.address, s.port)}"
+    return f"{text}({units[0]})" if units is not None else text
 
 
 PROCESS_HEADERS = ["PID", "USER", "COMM", "LISTENING", "COMMAND"]

@@ -98,6 +98,15 @@ class Reporter:
                 "denied_pids": snap.denied_pids,
             })
 
+    def unattributed(self, problem: str | None) -> None:
+        """Once: systemd holds listeners whose socket units could not be had."""
+        if problem is not None and self._first("socket_units"):
+            self.emit("degraded", {
+                "reason": f"socket units could not be resolved: {problem}; listeners the service "
+                "manager holds are attributed to it, not to their .socket units",
+                "missing": "systemd's D-Bus API: the system bus, or root for /run/systemd/private",
+            })
+
     def unsaved(self, path: str, exc: OSError) -> None:
         """Once: the state file cannot be written."""
         if self._first("state"):

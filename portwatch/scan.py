@@ -39,6 +39,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from portwatch import sockdiag
+from portwatch.activation import SocketUnit, UnitCache
 from portwatch.holders import HolderIndex
 from portwatch.model import Process, Proto, Snapshot, Socket
 from portwatch.proc import ProcFS, TableRead
@@ -120,6 +121,13 @@ def full_scan(
     return snap, table.errors
 
 
+def socket_units() -> list[SocketUnit]:
+    """systemd's active socket units (raises activation.Unavailable)."""
+    from portwatch.sdbus import socket_units as ask  # noqa: PLC0415 (loads jeepney: only when needed)
+
+    return ask()
+
+
 # -- the daemon's scans -------------------------------------------------------------
 
 
@@ -129,6 +137,7 @@ class ScanResult(NamedTuple):
     snapshot: Snapshot | None
     error: str | None = None
     partial: bool = False  # some tables were read, others not
+    socket_units_problem: str | None = None  # why systemd's socket units could not be had
 
 
 class Scanner:
@@ -137,6 +146,7 @@ class Scanner:
     A listener whose every holder vanished during the scan may simply have
     closed after the listing: it is listed again and, if gone, left out (the
     next scan reports it closed) rather than reported as owned by nobody.
+    A socket systemd holds is attributed to its socket unit (UnitCache).
     A refused forced netlink source raises SockDiagUnavailable; other
     failures are in the result.
     """
@@ -144,6 +154,7 @@ class Scanner:
     def __init__(self, procfs: ProcFS, source: Source = Source.AUTO) -> None:
         self.lister = SocketLister(procfs, source)
         self.tracker = OwnerTracker(procfs)
+        self.units = UnitCache(socket_units)
 
     def scan(
         self, previous: Snapshot | None, protocols: Iterable[Proto], *, hints: Iterable[int] = (),
@@ -191,8 +202,9 @@ class Scanner:
         except (ProcParseError, OSError) as exc:
             return ScanResult(None, str(exc))
         snap = resolve(table.sockets, complete=table.complete, hint_pids=hints, on_progress=on_progress)
-        snap = self._without_closed_meanwhile(previous, snap, protocols)
-        return ScanResult(snap, "; ".join(table.errors) or None, partial=bool(table.errors))
+        snap = self.units.apply(self._without_closed_meanwhile(previous, snap, protocols))
+        return ScanResult(snap, "; ".join(table.errors) or None, partial=bool(table.errors),
+                          socket_units_problem=self.units.problem)
 
     def _without_closed_meanwhile(
         self, previous: Snapshot | None, snap: Snapshot, protocols: tuple[Proto, ...]

@@ -98,13 +98,21 @@ class Change(NamedTuple):
     before: Listener | None = None  # for OWNER_CHANGED
 
 
-def owner_identity(listener: Listener) -> frozenset[tuple[int, str, str | None, int | None]]:
+def owner_identity(listener: Listener) -> frozenset[tuple[int | str | None, ...]]:
     """What makes two owner sets different: pid, name, executable and uid.
 
     The command line is left out on purpose: servers such as PostgreSQL
-    rewrite it constantly (setproctitle), and that is not a new owner.
+    rewrite it constantly (setproctitle), and that is not a new owner. The
+    holders of a socket unit's socket (the manager, the service it started)
+    count as the unit: the service starting, restarting or stopping behind
+    its socket is not a new owner.
     """
-    return frozenset((p.pid, p.comm, p.exe, p.uid) for p in listener.processes)
+    owners: set[tuple[int | str | None, ...]] = {
+        (p.pid, p.comm, p.exe, p.uid) for p in listener.processes if not listener.serves_socket_unit(p)
+    }
+    if listener.socket_unit is not None:
+        owners.add((listener.socket_unit, listener.service_unit))
+    return frozenset(owners)
 
 
 def diff(old: Snapshot, new: Snapshot) -> list[Change]:

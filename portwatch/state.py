@@ -122,7 +122,9 @@ class StateStore:
 
 def _encode_listener(listener: Listener) -> dict[str, Any]:
     s = listener.socket
+    units = {"socket_unit": listener.socket_unit, "service_unit": listener.service_unit}
     return {
+        **(units if listener.socket_unit is not None else {}),
         "proto": s.proto.value, "family": s.family, "address": s.address, "port": s.port,
         "inode": s.inode, "uid": s.uid,
         "unresolved": listener.unresolved.value if listener.unresolved else None,
@@ -146,13 +148,19 @@ def _decode(data: dict[str, Any]) -> SavedState:
                 int(p["pid"]), str(p["comm"]), None if p["exe"] is None else str(p["exe"]),
                 tuple(str(a) for a in p["cmdline"]),
                 None if p["uid"] is None else int(p["uid"]),
-                None if p["user"] is None else str(p["user"]),
-                None if p["unit"] is None else str(p["unit"]),
+                _optional_str(p["user"]), _optional_str(p["unit"]),
             )
             for p in item["processes"]
         )
         unresolved = Unresolved(item["unresolved"]) if item["unresolved"] else None
-        listeners[sock.inode] = Listener(sock, processes, unresolved)
+        listeners[sock.inode] = Listener(
+            sock, processes, unresolved, _optional_str(item.get("socket_unit")),
+            _optional_str(item.get("service_unit")),
+        )
     taken = {int(k): [int(p) for p in v] for k, v in data.get("taken", {}).items()}
     snapshot = Snapshot(listeners, complete=bool(data.get("complete", True)))
     return SavedState(snapshot, taken, str(data.get("saved_at", "")))
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)

@@ -3,7 +3,7 @@
 PID 1 of the test machine need not be systemd. The namespace shares the host's network
 and its file system, so everything systemd would write at boot is made
 private first: tmpfs over /tmp, /var/tmp, /run, /var/log and /var/lib (the
-units' StateDirectory= lives there), and the units that would clean /tmp or
+units' StateDirectory= lives there), an overlay over /etc, and the units that would clean /tmp or
 touch the host (tmpfiles, sysctl, modprobe, ldconfig, timers, postgres...)
 are masked. systemd boots into a target of its own that wants only journald,
 so nothing the host has enabled starts in the sandbox.
@@ -78,6 +78,9 @@ mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /var/lib
 mkdir -p "$PW_WORK"
 mount --move /run/pw-keep "$PW_WORK"
 rmdir /run/pw-keep
+# /etc too: users the tests create (systemd-sysusers) go to a layer of the sandbox's own.
+mkdir "$PW_WORK/etc-upper" "$PW_WORK/etc-work"
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$PW_WORK/etc-upper,workdir=$PW_WORK/etc-work" /etc
 mkdir -p /run/systemd/system
 for unit in $PW_MASKED; do ln -s /dev/null "/run/systemd/system/$unit"; done
 cat > /run/systemd/system/portwatch-sandbox.target <<'EOF'
@@ -153,6 +156,14 @@ class Sandbox:
 
     def daemon_reload(self) -> None:
         self.systemctl("daemon-reload")
+
+    def install_portwatch(self, unit: str = "portwatch.service") -> None:
+        """The shipped unit, and its system user created as the README says (systemd-sysusers)."""
+        shutil.copy2(ROOT / "systemd" / unit, self.path(f"/run/systemd/system/{unit}"))
+        sysusers = self.path("/etc/sysusers.d/portwatch.conf")
+        sysusers.parent.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / "systemd" / "portwatch.sysusers", sysusers)
+        self.run("systemd-sysusers", "/etc/sysusers.d/portwatch.conf")
 
 
 def field_bytes(entry: dict[str, Any], name: str) -> bytes | None:

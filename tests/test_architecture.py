@@ -15,15 +15,16 @@ LAYERS = [
     {"__init__", "model", "text", "closing"},
     {"procfs", "snapshot", "policy", "config", "events", "render", "access", "holders", "schedule",
      "judge", "pace", "yamlread"},
+    {"activation"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
-    {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state"},
+    {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state", "sdbus"},
     {"walk"},
     {"scan", "log", "report"},
     {"daemon"},
     {"cli"},
     {"__main__"},
 ]
-PURE = LAYERS[0] | LAYERS[1]
+PURE = LAYERS[0] | LAYERS[1] | LAYERS[2]
 IO_MODULES = {"os", "subprocess", "socket", "time", "structlog", "pyinotify", "select", "selectors",
               "signal", "shutil", "pathlib", "threading", "sdnotify", "tempfile", "ctypes"}
 
@@ -91,8 +92,10 @@ def test_one_shot_views_import_little() -> None:
     """Start-up is a large part of `portwatch list`: keep the heavy modules off its path."""
     loaded = _modules_after("from portwatch.cli import build_parser; build_parser().parse_args(['list'])")
     loaded -= _modules_after("pass")  # what the interpreter loads anyway (site, an editable install's hook)
-    heavy = {"dataclasses", "inspect", "ipaddress", "json", "shutil", "structlog", "yaml", "pyinotify"}
+    heavy = {"dataclasses", "inspect", "ipaddress", "json", "shutil", "structlog", "yaml", "pyinotify",
+             "jeepney"}
     assert not loaded & heavy
+    assert "jeepney" not in _modules_after("import portwatch.daemon")  # only once systemd holds a listener
 
 
 def test_the_daemon_does_not_load_asyncio_for_structlog() -> None:

@@ -3,7 +3,7 @@
 The unit file is installed as shipped; a drop-in only points ExecStart= at a
 venv built from /usr/bin/python3 and at a test config, and shortens
 WatchdogSec= and RestartSec=. Everything the daemon does here runs under the
-unit's hardening: DynamicUser, two capabilities, the syscall filter,
+unit's hardening: a system user of its own, two capabilities, the syscall filter,
 MemoryDenyWriteExecute, ProcSubset=pid, ProtectProc=ptraceable...
 """
 
@@ -32,8 +32,7 @@ NOBODY = 65534
 # A process name no rule allows, with an escape sequence in it: it must reach
 # the journal as its exact bytes and never raw in MESSAGE.
 EVIL_NAME = b"evil\x1b[31mname"
-STATE_DIR = "/var/lib/private/portwatch"  # StateDirectory=portwatch with DynamicUser=yes
-HOOK_DIR = "/var/lib/portwatch"  # the same directory as the service sees it
+STATE_DIR = HOOK_DIR = "/var/lib/portwatch"  # StateDirectory=portwatch
 
 pytestmark = [pytest.mark.systemd, pytest.mark.root]
 
@@ -153,7 +152,7 @@ def installed(systemd_sandbox: Sandbox) -> Iterator[Installed]:
     sandbox = systemd_sandbox
     programs = sandbox.workdir / "programs"
     programs.mkdir()
-    programs.chmod(0o755)  # the dynamic user and nobody read these
+    programs.chmod(0o755)  # the service's user and nobody read these
     for name in ("listener.py", "record_hook.py", "misbehave_hook.py"):
         shutil.copy2(PROGRAMS / name, programs / name)
         (programs / name).chmod(0o644)
@@ -169,7 +168,7 @@ def installed(systemd_sandbox: Sandbox) -> Iterator[Installed]:
     bad.write_text("interval: -1\nunknown_key: 1\n")
     for path in (config, bad):
         path.chmod(0o644)
-    shutil.copy2(SHIPPED, sandbox.path(f"/run/systemd/system/{UNIT}"))
+    sandbox.install_portwatch(UNIT)
     unit = Installed(sandbox, ports, config, bad, programs)
     unit.drop_in()
     yield unit
@@ -240,7 +239,7 @@ def test_starts_ready_with_status_and_only_its_two_capabilities(running: Install
     # sock_diag works under RestrictAddressFamilies= (the fast path, no fallback).
     assert entry["PORTWATCH_SOCKET_SOURCE"] == "netlink", entry
     assert entry["PORTWATCH_CONFIG_WATCH"] == "inotify", entry
-    # DynamicUser: not root; CAP_DAC_READ_SEARCH (bit 2) and CAP_SYS_PTRACE (bit 19) only.
+    # Not root; CAP_DAC_READ_SEARCH (bit 2) and CAP_SYS_PTRACE (bit 19) only.
     assert int(entry["_UID"]) != 0
     assert entry["_CAP_EFFECTIVE"] == "80004", entry
 
@@ -333,7 +332,7 @@ def test_reserved_port_taken_by_another_user_is_resolved(running: Installed) -> 
         assert b"\x1b" not in message
         assert f"evil\\x1b[31mname[{intruder.pid}]".encode() in message
 
-        # The hook ran inside the unit's sandbox, as the dynamic user, without capabilities.
+        # The hook ran inside the unit's sandbox, as the service's user, without capabilities.
         records = _hook_records(running, intruder.pid)
         assert len(records) == 1, records
         record = records[0]
