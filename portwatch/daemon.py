@@ -78,7 +78,7 @@ class Daemon:
         notifier: Notifier | None = None,
         hooks: HookRunner | None = None,
         proc_events: ProcEvents | None = None,
-        proc_events_reason: str | None = "disabled by --no-proc-events",
+        proc_events_reason: str | None = None,
         state: StateStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -100,6 +100,8 @@ class Daemon:
         self.saves = SaveThrottle()
         self._stop = self._reload = False
         self._rejected = False  # the file on disk was refused; a valid one is news even if unchanged
+        self._saved: SavedState | None = None  # the state restored, until a scan works
+        self._started = False
         self._last_ping = 0.0
         self._last_status = ""
 
@@ -139,16 +141,17 @@ class Daemon:
             "proc_events": self.proc_events is not None, "proc_events_unavailable": self.proc_events_reason,
             "pid": os.getpid(),
         })
+        self._started = True
         if state_event is not None:
             self.emit(*state_event)
         self.report.scan(scan.error, partial=scan.partial)
         self.report.unattributed(scan.socket_units_problem)  # before the squatters it may explain
-        if saved is not None:
-            self.report.changes(saved.snapshot, snap, while_down=True, known=saved.taken)
+        if self.snapshot is None:
+            self._saved = saved  # compared with the first scan that works, not with nothing
         else:
-            self.report.squatters(snap.listeners.values(), at_startup=True)
+            self._baseline(self.snapshot, saved)
         self._save_state(force=True)  # the baseline, so a SIGKILL before any change loses nothing
-        self.report.denied(snap, self.scanner.capabilities())
+        self.report.denied(snap, self.scanner.capabilities)
         self._update_status()
         self._last_ping = self.pace.last_scan
         self.notifier.ready(self._status_text())
@@ -176,7 +179,8 @@ class Daemon:
             self._ping_watchdog()
 
     def _shutdown(self) -> None:
-        self.emit("portwatch_stopping", {"pid": os.getpid()})
+        if self._started:  # a start refused (a forced netlink source) says why and nothing more
+            self.emit("portwatch_stopping", {"pid": os.getpid()})
         self.notifier.stopping()
         self.hooks.close(timeout=1.0)
         self.watcher.close()
@@ -204,13 +208,20 @@ class Daemon:
         self.report.scan(scan.error, partial=scan.partial)
         if scan.snapshot is not None:
             if previous is None:  # the first scan failed: this is the baseline
-                stale = self.report.squatters(scan.snapshot.listeners.values(), at_startup=True)
+                stale = self._baseline(scan.snapshot, self._saved)
+                self._saved = None
             else:
                 stale = self.report.changes(previous, scan.snapshot)
             self.saves.dirty |= stale
-            self.report.denied(scan.snapshot, self.scanner.capabilities())
+            self.report.denied(scan.snapshot, self.scanner.capabilities)
             self.report.unattributed(scan.socket_units_problem)
         self._update_status()
+
+    def _baseline(self, snap: Snapshot, saved: SavedState | None) -> bool:
+        """The first snapshot: what changed since the saved state, or the squatters found at start."""
+        if saved is not None:
+            return self.report.changes(saved.snapshot, snap, while_down=True, known=saved.taken)
+        return self.report.squatters(snap.listeners.values(), at_startup=True)
 
     def _scan(self, *, early: bool) -> ScanResult:
         """Scan into self.snapshot (an incomplete scan keeps what it could not see); say nothing."""

@@ -51,9 +51,6 @@ class HolderIndex:
     def inodes_of(self, pid: int) -> set[int]:
         return set(self.fds(pid).values())
 
-    def held(self, inode: int) -> bool:
-        return inode in self._held
-
     def held_inodes(self) -> Iterable[int]:
         return self._held.keys()
 

@@ -150,7 +150,6 @@ class Notifier(Closing):
                 self._transport.close()
                 self._transport = None
 
-
     def _send(self, *lines: str) -> bool:
         if self._address is None or self._closed:
             return False

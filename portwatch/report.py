@@ -87,14 +87,14 @@ class Reporter:
             self.emit("scan_recovered", {"error": self._failure})
         self._failure = error
 
-    def denied(self, snap: Snapshot, capabilities: int | None) -> None:
-        """Once: some owners cannot be seen, and what would fix it."""
+    def denied(self, snap: Snapshot, capabilities: Callable[[], int | None]) -> None:
+        """Once: some owners cannot be seen, and what would fix it (capabilities read only then)."""
         if snap.denied_pids and self._first("denied"):
             what = "process" if snap.denied_pids == 1 else "processes"
             self.emit("degraded", {
                 "reason": f"{snap.denied_pids} {what} could not be inspected; the owners of their "
                 "sockets are reported as unresolved=permission_denied, never as allowed",
-                "missing": advice(capabilities, os.geteuid()),
+                "missing": advice(capabilities(), os.geteuid()),
                 "denied_pids": snap.denied_pids,
             })
 

@@ -217,8 +217,8 @@ class Scanner:
             return snap
         try:
             again = self.lister.list(protocols, FAMILIES)
-        except (ProcParseError, OSError):
-            return snap
+        except (ProcParseError, OSError, sockdiag.SockDiagUnavailable):
+            return snap  # the scan that worked stands; the next one says what failed
         if not again.complete:
             return snap
         gone = set(lost).difference(s.inode for s in again.sockets)

@@ -64,9 +64,6 @@ class Recency:
         seen = self._seen
         return sorted((p for p in candidates if p in seen), key=seen.__getitem__, reverse=True)
 
-    def __len__(self) -> int:
-        return len(self._seen)
-
 
 def search_order(
     candidates: Collection[int], recency: Recency, uids: Collection[int], uid_of: Callable[[int], int | None]

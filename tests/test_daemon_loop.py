@@ -241,6 +241,25 @@ def test_a_restart_reports_what_changed_while_down_and_does_not_run_hooks_twice(
     assert hooks.submitted == []
 
 
+def test_after_a_restart_whose_first_scan_fails_the_first_scan_that_works_is_compared_with_the_state(
+    world: World,
+) -> None:
+    first, scanner, events, hooks = world.daemon()
+    scanner.then(listener(1, 22, SQUATTER), listener(3, 8080, WEB))
+    first.start()
+    first.watcher.close()
+
+    second, scanner, events, hooks = world.daemon()
+    scanner.fail("/proc/self/net/tcp: Permission denied")
+    second.start()
+    assert events.names() == ["portwatch_started", "state_restored", "scan_failed"]  # nothing closed
+    scanner.then(listener(1, 22, SQUATTER), listener(3, 8080, WEB))
+    second.tick()
+    assert events.names()[3:] == ["scan_recovered", "reserved_port_taken"]
+    assert events.all[4][1]["reported_before_restart"] is True
+    assert hooks.submitted == []
+
+
 def test_a_failed_or_partial_scan_is_said_once_and_closes_nothing(world: World) -> None:
     daemon, scanner, events, _ = world.daemon()
     scanner.then(listener(1, 22, SSHD), listener(2, 8080, WEB))
