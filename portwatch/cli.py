@@ -36,12 +36,13 @@ from portwatch.render import (
 )
 from portwatch.scan import SocketLister, Source, full_scan, socket_units
 from portwatch.sockdiag import SockDiagUnavailable
+from portwatch.sockdiag import v6only_flags as sockdiag_v6only
 from portwatch.walk import Walk
 
 
 class ExitStatus(IntEnum):
     OK = 0
-    NOT_FOUND = 1  # `who`: nothing listens on that port
+    NOT_FOUND = 1  # `who`: nothing listens on that port; `why`: the port cannot be bound
     USAGE = 2  # bad arguments (argparse's convention)
     DATA_ERROR = 65  # EX_DATAERR: a /proc table we could not parse or read
     IO_ERROR = 74  # EX_IOERR: the output could not be written
@@ -98,6 +99,15 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _address(text: str) -> str:
+    import ipaddress  # noqa: PLC0415 (only `why` takes an address)
+
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="portwatch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"portwatch {__version__}")
@@ -136,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_who.add_argument("--udp", action="store_true", help="UDP instead of TCP")
 
     view("ps", "every process with the ports it listens on", "portwatch ps --json")
+
+    p_why = view(
+        "why", "can a new server bind ADDR:PORT now, and if not, what stops it (exit status 1 when "
+        "it cannot): the listeners in the way, confirmed by a real bind()",
+        "portwatch why 8080 --address 127.0.0.1",
+    )
+    p_why.add_argument("port", type=_port, metavar="PORT", help="a port number, 1-65535")
+    p_why.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+    p_why.add_argument(
+        "--address", type=_address, default="0.0.0.0",  # noqa: S104 (the question is about every address)
+        help="the address the server would bind (default 0.0.0.0; [::] or :: for IPv6, which "
+        "also takes IPv4 unless net.ipv6.bindv6only is set)",
+    )
 
     p_check = command(
         "check", "validate the config file: ok, or one PATH:LINE: problem line each (exit status 78)",
@@ -241,6 +264,8 @@ def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
     try:
         if args.command == "ps":
             return _ps(args, procfs, lister)
+        if args.command == "why":
+            return _why(args, procfs, lister)
         return _listeners(args, procfs, lister, walk)
     except (ProcParseError, SockDiagUnavailable) as exc:
         sys.stderr.write(f"portwatch: {exc}\n")
@@ -295,6 +320,46 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
         sys.stderr.write(f"portwatch: nothing listens on {proto} port {args.port}\n")
         return ExitStatus.NOT_FOUND
     return ExitStatus.OK
+
+
+def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
+    """Whether ADDR:PORT can be bound now: the overlapping listeners, then a real bind()."""
+    from portwatch import bindcheck, why  # noqa: PLC0415 (only this command needs them)
+    from portwatch.text import escape  # noqa: PLC0415
+
+    proto = Proto.UDP if args.udp else Proto.TCP
+    snap, unread = full_scan(procfs, lister, (proto,), (4, 6))
+    snap = snap._replace(listeners={i: x for i, x in snap.listeners.items() if x.socket.port == args.port})
+    units = UnitCache(socket_units)
+    listeners = units.apply(snap).sorted()
+    _warn_fallback(lister)
+    _warn_unattributed(units.problem)
+    _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
+    try:
+        v6only = sockdiag_v6only(proto)
+    except SockDiagUnavailable as exc:
+        v6only = {}
+        sys.stderr.write(f"portwatch: IPV6_V6ONLY of IPv6 listeners unknown ({exc}); counted as dual-stack\n")
+    wanted_v6only = bindcheck.system_v6only()
+    found = why.blockers(listeners, proto, args.address, args.port, v6only=v6only,
+                         wanted_v6only=wanted_v6only)
+    error = bindcheck.try_bind(proto, args.address, args.port, v6only=wanted_v6only)
+    since = {b.listener.socket.inode: started for b in found if b.listener.processes
+             and (started := bindcheck.process_started(b.listener.processes[0].pid, args.proc)) is not None}
+    can, text = why.explain(proto, args.address, args.port, found, bind_error=error,
+                            since={inode: f"{when} (process start)" for inode, when in since.items()})
+    if args.json:
+        _print_json({
+            "proto": proto.value, "address": args.address, "port": args.port, "would_bind": can,
+            "bind_error": error, "explanation": text,
+            "blockers": [{**listener_json(b.listener), "reason": b.reason,
+                          "process_started": since.get(b.listener.socket.inode)} for b in found],
+        })
+    else:
+        sys.stdout.write(escape(text) + "\n")
+    if unread and can:
+        return _incomplete(unread)
+    return ExitStatus.OK if can else ExitStatus.NOT_FOUND
 
 
 def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:

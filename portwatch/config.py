@@ -71,6 +71,8 @@ class Config:
     hook_cooldown: float = 60.0
     max_parallel_hooks: int = 4
     state_dir: str | None = None
+    follow_journal: bool = True
+    conflict_hooks: tuple[str, ...] = ()
 
     def rule_for(self, proto: Proto, port: int) -> Rule | None:
         """The rule reserving `port`/`proto`; validation makes it unique."""
@@ -163,7 +165,7 @@ class _Validator(NodeReader):
             return None
         keys = self.mapping(root, "", tuple(TOP_LEVEL))
         values: dict[str, Any] = {}
-        for key in sorted(keys, key=lambda k: k == "reserved"):  # rules refer to protocols and hooks
+        for key in sorted(keys, key=lambda k: k in _AFTER_HOOKS):  # these refer to protocols and hooks
             values[key] = TOP_LEVEL[key](self, keys[key], values)
         if self.problems:
             return None
@@ -470,4 +472,7 @@ TOP_LEVEL: dict[str, Callable[[_Validator, Node, dict[str, Any]], Any]] = {
     "hook_cooldown": lambda v, node, _: v.number(node, "hook_cooldown", zero_ok=True),
     "max_parallel_hooks": lambda v, node, _: v.max_parallel(node),
     "state_dir": lambda v, node, _: v.state_dir(node),
+    "follow_journal": lambda v, node, _: v.boolean(node, "follow_journal"),
+    "conflict_hooks": lambda v, node, _: v.rule_hooks(node, "conflict_hooks"),
 }
+_AFTER_HOOKS = ("reserved", "conflict_hooks")

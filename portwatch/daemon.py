@@ -21,11 +21,12 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from portwatch.config import DEFAULT_PATH, Config, ConfigError, load_config
+from portwatch.conflictwatch import ConflictWatch, Journal
 from portwatch.events import status_line
 from portwatch.hooks import HookRunner
 from portwatch.libc import drop_ambient_capabilities, release_free_heap
 from portwatch.log import EventLog, choose_format
-from portwatch.model import Proto, Snapshot
+from portwatch.model import Listener, Proto, Snapshot
 from portwatch.notify import Notifier
 from portwatch.pace import Pacer, SaveThrottle
 from portwatch.proc import ProcFS
@@ -33,7 +34,7 @@ from portwatch.report import Reporter
 from portwatch.scan import Scanner, ScanResult, Source
 from portwatch.snapshot import carry_forward
 from portwatch.sockdiag import SockDiagUnavailable
-from portwatch.state import SavedState, StateError, StateStore, state_dir
+from portwatch.state import JournalPosition, SavedState, StateError, StateStore, state_dir
 from portwatch.watch import ConfigWatcher
 
 EX_CONFIG = 78  # the unit's RestartPreventExitStatus=
@@ -80,7 +81,10 @@ class Daemon:
         proc_events: ProcEvents | None = None,
         proc_events_reason: str | None = None,
         state: StateStore | None = None,
+        journal: Journal | None = None,
+        journal_position: JournalPosition | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.emit = log.emit
@@ -95,7 +99,13 @@ class Daemon:
         self.proc_events_reason = None if proc_events is not None else proc_events_reason
         self.state = state
         self.snapshot: Snapshot | None = None
-        self.report = Reporter(self.emit, self.hooks, config)
+        self.report = Reporter(self.emit, self.hooks, config, clock=clock, wall=wall)
+        if journal_position is not None:
+            self.report.conflicts.reported.update(journal_position.reported)
+        reopen = lambda: open_journal(self.config, JournalPosition())  # noqa: E731
+        self.conflict_watch = ConflictWatch(journal, self.report, reopen)
+        self.wall = wall
+        self._scanned_after = float("-inf")  # when the last finished scan began
         self.pace = Pacer(config.interval)
         self.saves = SaveThrottle()
         self._stop = self._reload = False
@@ -116,10 +126,12 @@ class Daemon:
             sel.register(self.watcher.fileno(), selectors.EVENT_READ, "config")  # type: ignore[arg-type]
         if self.proc_events is not None:
             sel.register(self.proc_events.fileno(), selectors.EVENT_READ, "proc")
+        self.conflict_watch.selector = sel
         try:
             self.start()
             self._loop(sel, rfd)
         finally:
+            self.conflict_watch.flush(self.clock(), self._listening())
             self._save_state(force=True)
             self._shutdown()
             sel.close()
@@ -152,6 +164,7 @@ class Daemon:
             self._baseline(self.snapshot, saved)
         self._save_state(force=True)  # the baseline, so a SIGKILL before any change loses nothing
         self.report.denied(snap, self.scanner.capabilities)
+        self.conflict_watch.start(started_usec=int(self.wall() * 1e6))
         self._update_status()
         self._last_ping = self.pace.last_scan
         self.notifier.ready(self._status_text())
@@ -159,7 +172,8 @@ class Daemon:
     def _loop(self, sel: selectors.BaseSelector, rfd: int) -> None:
         while not self._stop:
             now = self.clock()
-            wake = min(self.pace.next_scan(now), self._next_ping())
+            conflict_due = self.report.conflicts.next_due(self._scanned_after)
+            wake = min(self.pace.next_scan(now), self._next_ping(), conflict_due)
             if self.watcher.mode == "polling":
                 wake = min(wake, now + POLL_CONFIG_EVERY)
             for key, _ in sel.select(max(0.0, wake - now)):
@@ -167,6 +181,8 @@ class Daemon:
                     _drain(rfd)
                 elif key.data == "proc" and self.proc_events is not None:
                     self.pace.saw(self.proc_events.read_events(), self.clock())
+                elif key.data == "journal":
+                    self.saves.dirty |= self.conflict_watch.read(self.clock(), self.config.reserved)
             if self._stop:
                 break
             edited = self.watcher.changed()  # asked even on a HUP: one reload answers both
@@ -175,7 +191,9 @@ class Daemon:
             now = self.clock()
             if now >= self.pace.next_scan(now):
                 self.tick(early=self.pace.early(now))
-                self._save_state()
+            reported = self.conflict_watch.report_due(self.clock(), self._scanned_after, self._listening())
+            self.saves.dirty |= reported
+            self._save_state()
             self._ping_watchdog()
 
     def _shutdown(self) -> None:
@@ -187,6 +205,7 @@ class Daemon:
         self.scanner.close()
         if self.proc_events is not None:
             self.proc_events.close()
+        self.conflict_watch.close()
         self.notifier.close()
 
     def _on_stop(self) -> None:
@@ -207,6 +226,7 @@ class Daemon:
             scan = ScanResult(None, "netlink became unavailable")
         self.report.scan(scan.error, partial=scan.partial)
         if scan.snapshot is not None:
+            self._scanned_after = self.pace.last_scan
             if previous is None:  # the first scan failed: this is the baseline
                 stale = self._baseline(scan.snapshot, self._saved)
                 self._saved = None
@@ -217,8 +237,13 @@ class Daemon:
             self.report.unattributed(scan.socket_units_problem)
         self._update_status()
 
+    def _listening(self) -> Iterable[Listener]:
+        return self.snapshot.listeners.values() if self.snapshot is not None else ()
+
     def _baseline(self, snap: Snapshot, saved: SavedState | None) -> bool:
         """The first snapshot: what changed since the saved state, or the squatters found at start."""
+        self._scanned_after = self.pace.last_scan
+        self.report.first_seen(snap.listeners.values(), saved.seen if saved is not None else {})
         if saved is not None:
             return self.report.changes(saved.snapshot, snap, while_down=True, known=saved.taken)
         return self.report.squatters(snap.listeners.values(), at_startup=True)
@@ -243,7 +268,8 @@ class Daemon:
         if self.state is None or self.snapshot is None or not self.saves.due(now, force=force):
             return
         try:
-            self.state.save(self.snapshot, self.report.judge.taken(), datetime.now(UTC).isoformat())
+            self.state.save(self.snapshot, self.report.judge.taken(), datetime.now(UTC).isoformat(),
+                            seen=self.report.seen, journal=self.conflict_watch.position())
         except OSError as exc:
             self.report.unsaved(self.state.path, exc)
             return
@@ -273,8 +299,8 @@ class Daemon:
             self.pace.interval = new.interval
             self.hooks.configure(max_parallel=new.max_parallel_hooks, cooldown=new.hook_cooldown)
             self.emit("config_reloaded", {"path": path, "reserved_rules": len(new.reserved)})
-            listening = self.snapshot.listeners.values() if self.snapshot is not None else ()
-            self.saves.dirty |= self.report.reconfigured(new, listening)
+            self.conflict_watch.want(new.follow_journal)
+            self.saves.dirty |= self.report.reconfigured(new, self._listening())
             self._update_status()
         self.notifier.ready(self._status_text())
 
@@ -352,6 +378,15 @@ def open_proc_events(wanted: bool) -> tuple[ProcEvents | None, str | None]:
         return None, f"{exc.strerror or exc}; polling every interval"
 
 
+def open_journal(config: Config, position: JournalPosition) -> Journal | None:
+    """The journal follower when the config asks for it (imported only then)."""
+    if not config.follow_journal:
+        return None
+    from portwatch.journalfollow import JournalFollower  # noqa: PLC0415
+
+    return JournalFollower(position.cursor)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """`portwatch run`: refuse a bad config with its messages, then watch until stopped."""
     path = args.config or DEFAULT_PATH
@@ -365,8 +400,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     drop_ambient_capabilities()
     store = StateStore(state_dir(args.state_dir, config.state_dir, os.environ))
     proc_events, why_not = open_proc_events(not args.no_proc_events)
+    position = store.load_journal()
     daemon = Daemon(config, log, scanner=Scanner(ProcFS(), Source(args.source)), proc_events=proc_events,
-                    proc_events_reason=why_not, state=store)
+                    proc_events_reason=why_not, state=store, journal=open_journal(config, position),
+                    journal_position=position)
     try:
         return daemon.run()
     except SockDiagUnavailable as exc:

@@ -6,13 +6,18 @@ environment, JSON lines); they are built here and nowhere else.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portwatch.model import Listener, Process, endpoint
 from portwatch.policy import Violation
 from portwatch.snapshot import Change
 
-WARNING_EVENTS = frozenset({"reserved_port_taken", "config_rejected", "degraded", "hook_suppressed"})
+if TYPE_CHECKING:
+    from portwatch.conflicts import Episode
+
+WARNING_EVENTS = frozenset(
+    {"reserved_port_taken", "port_conflict", "config_rejected", "degraded", "hook_suppressed"}
+)
 ERROR_EVENTS = frozenset({"hook_failed", "hook_dropped", "scan_failed", "state_reset"})
 # Every other event (scan_recovered, state_restored, ...) is at level info.
 
@@ -78,10 +83,41 @@ def violation_event(violation: Violation, *, at_startup: bool) -> tuple[str, dic
     return "reserved_port_taken", fields
 
 
+def conflict_event(
+    episode: Episode, holder: Listener | None, *, holder_since: str | None, unresolved: str | None,
+    rule: str | None, blocked_at: str,
+) -> dict[str, Any]:
+    """port_conflict: the blocked side (blocked_*) and the holder (the listener fields)."""
+    failure = episode.first
+    first = holder.processes[0] if holder is not None and holder.processes else None
+    if holder is not None:
+        where = _owner_fields(holder, first)
+    else:
+        where = {"proto": episode.proto.value if episode.proto else None, "address": episode.address,
+                 "port": episode.port}
+    return {
+        **where,
+        "rule": rule,
+        "blocked_unit": failure.unit,
+        "blocked_pid": failure.pid,
+        "blocked_comm": failure.comm,
+        "blocked_exe": failure.exe,
+        "blocked_address": episode.address,
+        "blocked_message": failure.message,
+        "blocked_at": blocked_at,
+        "repeats": episode.repeats + episode.earlier,
+        "suppressed": episode.suppressed,
+        "holder_since": holder_since,
+        "holder_unresolved": unresolved,
+        "while_down": episode.while_down,
+    }
+
+
 # One sentence per event, filled from its fields and from these: where (proto/endpoint), who
 # (the first holder), offenders (a violation's), previous (pids), hook_for, failed.
 _MESSAGES = {
     "reserved_port_taken": "reserved port {where} (rule {rule}) taken by {offenders}",
+    "port_conflict": "{blocked} could not bind {wanted}: {holder}",
     "listener_opened": "new listener {where} held by {who}",
     "listener_closed": "listener {where} closed (was held by {who})",
     "owner_changed": "listener {where} now held by {who} (was pids {previous})",
@@ -130,6 +166,8 @@ def describe(event: str, fields: dict[str, Any]) -> str:
         hook_for=f"hook {fields.get('hook')} for rule {fields.get('rule')} port {port}",
         failed="partly failed" if fields.get("partial") else "failed",
     )
+    if event == "port_conflict":
+        values.update(_conflict_parts(fields, port))
     return template.format_map(values)
 
 
@@ -149,6 +187,30 @@ def _who(fields: dict[str, Any]) -> str:
     text = _process(fields)
     others = len(fields.get("pids") or ()) - 1
     return text + (f" and {others} more" if others > 0 else "")
+
+
+def _conflict_parts(fields: dict[str, Any], port: Any) -> dict[str, str]:
+    blocked = fields.get("blocked_unit") or "a process"
+    if fields.get("blocked_pid") is not None:
+        blocked += f" ({fields.get('blocked_comm')}[{fields['blocked_pid']}])"
+    wanted = "its port" if port is None else endpoint(str(fields.get("blocked_address") or "*"), port)
+    if fields.get("holder_unresolved"):
+        holder = f"holder not found ({fields['holder_unresolved']})"
+    else:
+        holder = f"held by {_who(fields)}"
+        if fields.get("socket_unit"):
+            holder += f" ({fields['socket_unit']} → {fields.get('service_unit') or '?'})"
+        if fields.get("holder_since"):
+            holder += f" since {fields['holder_since']}"
+    if fields.get("rule"):
+        holder += f"; reserved by rule {fields['rule']}"
+    if (fields.get("repeats") or 1) > 1:
+        holder += f"; {fields['repeats']} failures"
+    if fields.get("suppressed"):
+        holder += f"; {fields['suppressed']} failures on other ports not reported before this"
+    if fields.get("while_down"):
+        holder += "; while portwatch was down"
+    return {"blocked": blocked, "wanted": wanted, "holder": holder}
 
 
 def _offenders(fields: dict[str, Any]) -> str:

@@ -1,12 +1,14 @@
 """Running hook programs: argv only, bounded in number, time and output.
 
-A hook is an argv list run when a reserved port is taken. Contract for hook
+A hook is an argv list run when a reserved port is taken or a service could
+not bind its port (port_conflict). Contract for hook
 authors (the values are chosen by whoever started the offending process, so
 they are untrusted data, never code):
 
 - Never run through a shell. Data arrives in `PORTWATCH_EVENT`, `_RULE`,
-  `_PROTO`, `_ADDRESS`, `_PORT`, `_PID`, `_COMM`, `_EXE`, `_USER`, `_UNIT`
-  (empty when unknown). Shell scripts must quote them: `"$PORTWATCH_COMM"`.
+  `_PROTO`, `_ADDRESS`, `_PORT`, `_PID`, `_COMM`, `_EXE`, `_USER`, `_UNIT`, and
+  for a conflict `_BLOCKED_UNIT`, `_BLOCKED_PID` (empty when unknown). Shell
+  scripts must quote them: `"$PORTWATCH_COMM"`.
   A value holds the exact bytes of the process's name, except that a NUL
   (impossible in an environment) becomes a space, and it is cut at 4096 bytes.
 - stdin holds the event as one line of JSON. It is pure ASCII: bytes that
@@ -87,6 +89,8 @@ _EVENT_VARS = (
     ("PORTWATCH_EXE", "exe"),
     ("PORTWATCH_USER", "user"),
     ("PORTWATCH_UNIT", "unit"),
+    ("PORTWATCH_BLOCKED_UNIT", "blocked_unit"),  # port_conflict: the service that could not bind
+    ("PORTWATCH_BLOCKED_PID", "blocked_pid"),
 )
 _CONTEXT_KEYS = ("rule", "port")  # copied from the submitted event into every report
 

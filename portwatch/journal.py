@@ -33,6 +33,7 @@ MESSAGE_IDS: dict[str, str] = {
     "listener_closed": "dd11214e8ba54e47b4170ea962d70669",
     "owner_changed": "50edf9fd4ace452ca13e164ea483bf9c",
     "reserved_port_taken": "37140c1bb01945f5952bd220ed88a8b5",
+    "port_conflict": "da61e53f6cb9401993dc65b774fba725",
     "hook_finished": "64b471742bcf41ebbc2943de27d380b2",
     "hook_failed": "1e22310a77e1497286eb192938b7add2",
     "hook_suppressed": "29ba4ee93bc040c99f4bb92fe7635a4a",

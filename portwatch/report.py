@@ -8,15 +8,18 @@ said once, and its recovery; a degraded view once per reason.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from portwatch.access import advice
 from portwatch.config import Config
-from portwatch.events import change_event
+from portwatch.conflicts import Conflicts, Episode, holders
+from portwatch.events import change_event, conflict_event
 from portwatch.hooks import HookRunner
 from portwatch.judge import Judge
-from portwatch.model import Listener, Snapshot
+from portwatch.model import Listener, Proto, Snapshot
 from portwatch.snapshot import ChangeKind, diff
 
 Emit = Callable[[str, Mapping[str, Any]], None]
@@ -25,11 +28,16 @@ Emit = Callable[[str, Mapping[str, Any]], None]
 class Reporter:
     """Says what happened. Each method returns whether the daemon's saved state is now stale."""
 
-    def __init__(self, emit: Emit, hooks: HookRunner, config: Config) -> None:
+    def __init__(self, emit: Emit, hooks: HookRunner, config: Config, *,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.emit = emit
         self.hooks = hooks
         self.config = config
+        self.clock = clock
+        self.wall = wall
         self.judge = Judge()
+        self.conflicts = Conflicts()
+        self.seen: dict[int, float] = {}  # inode -> when first seen (wall clock), for holder_since
         self._failure: str | None = None  # the scan failure last said, until a whole scan
         self._said: set[str] = set()  # degraded reasons already said (once each)
 
@@ -46,8 +54,12 @@ class Reporter:
             rule = self.config.rule_for(sock.proto, sock.port)
             if change.kind is ChangeKind.CLOSED:
                 self.judge.closed(sock.inode)
+                self.seen.pop(sock.inode, None)
+                self.conflicts.closed(change.listener, self.clock())
             else:
                 changed.append(change.listener)
+                if change.kind is ChangeKind.OPENED:
+                    self.seen[sock.inode] = self.wall()
             if self.config.log_listeners or rule is not None:
                 name, fields = change_event(change, rule.name if rule else None)
                 if while_down:
@@ -72,6 +84,54 @@ class Reporter:
                     self.hooks.submit(hook_name, spec.command, spec.timeout, event,
                                       cooldown_key=(verdict.rule.name, event["proto"], event["port"]))
         return bool(verdicts)
+
+    def first_seen(self, listeners: Iterable[Listener], saved: Mapping[int, float]) -> None:
+        """The listeners of the first scan: seen since the saved time, else since now."""
+        now = self.wall()
+        self.seen = {lst.socket.inode: saved.get(lst.socket.inode, now) for lst in listeners}
+
+    def conflict(self, episode: Episode, listening: Iterable[Listener]) -> None:
+        """port_conflict for one failed start, with the listener in the way, and its hooks."""
+        port, found, closed_since = episode.port, [], False
+        if port is not None:
+            found = holders(listening, port, episode.address, episode.proto)
+            if not found:
+                closed = self.conflicts.recently_closed(self.clock())
+                found = holders(closed, port, episode.address, episode.proto)
+                closed_since = bool(found)
+        holder = found[0] if found else None
+        unresolved = None
+        if port is None:
+            unresolved = "the failure names no port, and neither a reserved rule nor a socket unit gives one"
+        elif holder is None:
+            unresolved = ("no listener on that port: it closed before portwatch looked, "
+                          "or it is in another network namespace")
+        proto = holder.socket.proto if holder is not None else episode.proto or Proto.TCP
+        rule = self.config.rule_for(proto, port) if port is not None else None
+        since = self.seen.get(holder.socket.inode) if holder is not None else None
+        fields = conflict_event(
+            episode, holder, holder_since=_iso(since), unresolved=unresolved,
+            rule=rule.name if rule is not None else episode.rule,
+            blocked_at=_iso(episode.first.realtime_usec / 1e6) or "",
+        )
+        if closed_since:
+            fields["holder_closed"] = True
+        self.emit("port_conflict", fields)
+        hook_names = dict.fromkeys((*self.config.conflict_hooks, *(rule.hooks if rule is not None else ())))
+        event = {"event": "port_conflict", **fields}
+        for name in hook_names:
+            spec = self.config.hooks[name]
+            self.hooks.submit(name, spec.command, spec.timeout, event,
+                              cooldown_key=("port_conflict", episode.key[0], port))
+
+    def journal_unreadable(self, problem: str | None) -> None:
+        """Once: conflicts cannot be seen, because the journal cannot be followed."""
+        if problem is not None and self._first("journal"):
+            self.emit("degraded", {
+                "reason": f"cannot follow the journal for failed binds: {problem}; "
+                "port conflicts are not reported (everything else is)",
+                "missing": "read access to the system journal (group systemd-journal)",
+            })
 
     def reconfigured(self, config: Config, listening: Iterable[Listener]) -> bool:
         """New rules apply to what already listens: every squatter is said again."""
@@ -120,3 +180,9 @@ class Reporter:
         first = reason not in self._said
         self._said.add(reason)
         return first
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None or epoch <= 0:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

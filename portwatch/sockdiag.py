@@ -294,3 +294,39 @@ def _why(exc: OSError) -> str:
     return f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
 
 
+
+
+INET_DIAG_SKV6ONLY = 11  # a u8 attribute every AF_INET6 socket carries
+_NLA = struct.Struct("=HH")
+_INODE_AT = _NLMSG_HDRLEN + 68  # inet_diag_msg.idiag_inode
+
+
+def v6only_flags(proto: Proto) -> dict[int, bool]:
+    """inode -> IPV6_V6ONLY of each IPv6 listener: whether `[::]` also holds IPv4 addresses.
+    Raises SockDiagUnavailable."""
+    flags: dict[int, bool] = {}
+    dump = _Dump(proto, 6, seq=1)
+    with _open() as sock:
+        buf = bytearray(_BUFSIZE + _MSG_LEN)
+        for length in _replies(sock, buf, dump.request(), dump.name):
+            raw = bytes(memoryview(buf)[:length])
+            off = 0
+            while off + _NLMSG_HDRLEN <= length:
+                size, mtype = struct.unpack_from("=IH", raw, off)
+                if size < _NLMSG_HDRLEN or off + size > length:
+                    raise SockDiagUnavailable(f"{dump.name}: malformed netlink message")
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                    dump._check_status(raw, off, size)
+                    return flags
+                if mtype == SOCK_DIAG_BY_FAMILY and size >= _MSG_LEN:
+                    (inode,) = _U32.unpack_from(raw, off + _INODE_AT)
+                    attr = off + _MSG_LEN
+                    while attr + _NLA.size <= off + size:
+                        alen, atype = _NLA.unpack_from(raw, attr)
+                        if alen < _NLA.size:
+                            break
+                        if atype == INET_DIAG_SKV6ONLY and alen > _NLA.size:
+                            flags[inode] = bool(raw[attr + _NLA.size])
+                        attr += (alen + 3) & ~3
+                off += (size + 3) & ~3
+    return flags

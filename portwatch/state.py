@@ -35,6 +35,17 @@ class SavedState:
     # inode -> pids of the owner set already reported as reserved_port_taken
     taken: dict[int, list[int]] = field(default_factory=dict)
     saved_at: str = ""
+    # inode -> when portwatch first saw that listener (seconds since the epoch)
+    seen: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class JournalPosition:
+    """Where the journal was read up to, kept across reboots (cursors are not per boot)."""
+
+    cursor: str | None = None
+    # "unit port" -> journal time (usec) of the last failure reported for it
+    reported: dict[str, int] = field(default_factory=dict)
 
 
 def state_dir(option: str | None, configured: str | None, env: Mapping[str, str]) -> str:
@@ -83,7 +94,20 @@ class StateStore:
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
             raise StateError(f"{self.path}: corrupt ({type(exc).__name__}: {exc})") from None
 
-    def save(self, snapshot: Snapshot, taken: Mapping[int, list[int]], saved_at: str) -> None:
+    def load_journal(self) -> JournalPosition:
+        """The journal position saved by any boot; a missing or unusable file gives none."""
+        try:
+            with open(self.path, "rb") as f:
+                data = json.loads(f.read())
+            journal = data.get("journal") or {}
+            cursor = journal.get("cursor")
+            reported = {str(k): int(v) for k, v in (journal.get("reported") or {}).items()}
+            return JournalPosition(cursor if isinstance(cursor, str) and cursor else None, reported)
+        except (OSError, ValueError, TypeError, AttributeError, RecursionError):
+            return JournalPosition()
+
+    def save(self, snapshot: Snapshot, taken: Mapping[int, list[int]], saved_at: str, *,
+             seen: Mapping[int, float] | None = None, journal: JournalPosition | None = None) -> None:
         """Replace the state file atomically. Raises OSError (the caller reports it).
 
         Written one listener at a time: the whole document as objects and
@@ -96,7 +120,9 @@ class StateStore:
             "saved_at": saved_at,
             "complete": snapshot.complete,
             "taken": {str(inode): pids for inode, pids in taken.items()},
+            "journal": {"cursor": journal.cursor, "reported": journal.reported} if journal else None,
         }
+        seen = seen or {}
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=self.directory)
         try:
@@ -104,7 +130,8 @@ class StateStore:
             with os.fdopen(fd, "w", encoding="ascii") as f:
                 f.write(json.dumps(head)[:-1] + ', "listeners": [')
                 for n, listener in enumerate(snapshot.listeners.values()):
-                    f.write((", " if n else "") + json.dumps(_encode_listener(listener)))
+                    since = seen.get(listener.socket.inode)
+                    f.write((", " if n else "") + json.dumps(_encode_listener(listener, since)))
                 f.write("]}")
                 f.flush()
                 os.fsync(f.fileno())
@@ -120,11 +147,12 @@ class StateStore:
             os.close(dfd)
 
 
-def _encode_listener(listener: Listener) -> dict[str, Any]:
+def _encode_listener(listener: Listener, since: float | None = None) -> dict[str, Any]:
     s = listener.socket
     units = {"socket_unit": listener.socket_unit, "service_unit": listener.service_unit}
     return {
         **(units if listener.socket_unit is not None else {}),
+        **({"since": since} if since is not None else {}),
         "proto": s.proto.value, "family": s.family, "address": s.address, "port": s.port,
         "inode": s.inode, "uid": s.uid,
         "unresolved": listener.unresolved.value if listener.unresolved else None,
@@ -138,6 +166,7 @@ def _encode_listener(listener: Listener) -> dict[str, Any]:
 
 def _decode(data: dict[str, Any]) -> SavedState:
     listeners: dict[int, Listener] = {}
+    seen: dict[int, float] = {}
     for item in data["listeners"]:
         sock = Socket(
             Proto(item["proto"]), int(item["family"]), str(item["address"]), int(item["port"]),
@@ -153,13 +182,15 @@ def _decode(data: dict[str, Any]) -> SavedState:
             for p in item["processes"]
         )
         unresolved = Unresolved(item["unresolved"]) if item["unresolved"] else None
+        if item.get("since") is not None:
+            seen[sock.inode] = float(item["since"])
         listeners[sock.inode] = Listener(
             sock, processes, unresolved, _optional_str(item.get("socket_unit")),
             _optional_str(item.get("service_unit")),
         )
     taken = {int(k): [int(p) for p in v] for k, v in data.get("taken", {}).items()}
     snapshot = Snapshot(listeners, complete=bool(data.get("complete", True)))
-    return SavedState(snapshot, taken, str(data.get("saved_at", "")))
+    return SavedState(snapshot, taken, str(data.get("saved_at", "")), seen)
 
 
 def _optional_str(value: Any) -> str | None:

@@ -33,7 +33,7 @@ Event = dict[str, Any]
 # Every event portwatch emits: the product's interface, as the README's table lists it.
 EVENT_NAMES = frozenset({
     "portwatch_started", "portwatch_stopping", "listener_opened", "listener_closed", "owner_changed",
-    "reserved_port_taken", "hook_finished", "hook_failed", "hook_suppressed", "hook_dropped",
+    "reserved_port_taken", "port_conflict", "hook_finished", "hook_failed", "hook_suppressed", "hook_dropped",
     "config_reloaded", "config_rejected", "degraded", "state_restored", "state_reset", "scan_failed",
     "scan_recovered",
 })

@@ -81,6 +81,10 @@ rmdir /run/pw-keep
 # /etc too: users the tests create (systemd-sysusers) go to a layer of the sandbox's own.
 mkdir "$PW_WORK/etc-upper" "$PW_WORK/etc-work"
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$PW_WORK/etc-upper,workdir=$PW_WORK/etc-work" /etc
+# What systemd-tmpfiles (masked here) does for journald on a real host: the journal's directory
+# belongs to group systemd-journal, setgid, so the files journald makes there are readable by it.
+mkdir -p /run/log/journal
+chgrp systemd-journal /run/log/journal && chmod 2755 /run/log/journal
 mkdir -p /run/systemd/system
 for unit in $PW_MASKED; do ln -s /dev/null "/run/systemd/system/$unit"; done
 cat > /run/systemd/system/portwatch-sandbox.target <<'EOF'

@@ -14,12 +14,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portwatch"
 LAYERS = [
     {"__init__", "model", "text", "closing"},
     {"procfs", "snapshot", "policy", "config", "events", "render", "access", "holders", "schedule",
-     "judge", "pace", "yamlread"},
+     "judge", "pace", "yamlread", "bindfail", "conflicts", "why"},
     {"activation"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
-    {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state", "sdbus"},
+    {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state", "sdbus", "bindcheck",
+     "journalfollow"},
     {"walk"},
     {"scan", "log", "report"},
+    {"conflictwatch"},
     {"daemon"},
     {"cli"},
     {"__main__"},

@@ -352,19 +352,32 @@ def test_shipped_example_config_passes_check() -> None:
     assert (result.returncode, result.stdout) == (0, "ok\n"), result.stderr
 
 
+COMM_BREAKING_OUT = 'x"$(touch {marker})`touch {marker}`;touch {marker}\n'
+EXAMPLE_HOOKS = {
+    "log-violation": ({"event": "reserved_port_taken", "rule": "ssh", "proto": "tcp", "address": "0.0.0.0",
+                       "port": 22, "pid": 4242, "comm": COMM_BREAKING_OUT, "unit": "evil.service"},
+                      "reserved port tcp/22 (rule ssh) taken by pid 4242 ({comm}, unit evil.service)"),
+    "log-conflict": ({"event": "port_conflict", "proto": "tcp", "address": "0.0.0.0", "port": 80,
+                      "pid": 4242, "comm": COMM_BREAKING_OUT, "unit": "evil.service",
+                      "blocked_unit": "nginx.service", "blocked_pid": 812},
+                     "nginx.service (pid 812) could not bind port 80: held by pid 4242 ({comm}, unit evil.service)"),
+}
+
+
 @pytest.mark.root
-def test_shipped_example_hook_passes_hostile_values_as_data(tmp_path: Path) -> None:
-    """The example hook, run with the environment portwatch gives hooks and a process name made
+@pytest.mark.parametrize("name", sorted(EXAMPLE_HOOKS))
+def test_shipped_example_hook_passes_hostile_values_as_data(tmp_path: Path, name: str) -> None:
+    """The example hooks, run with the environment portwatch gives hooks and a process name made
     to break out of shell quoting: logger (replaced in a private mount namespace by a recorder)
     gets the one message, the name in it literally, and nothing ran."""
     from portwatch.config import load_config
     from portwatch.hooks import hook_environment
 
-    (hook,) = load_config(str(ROOT / "etc" / "portwatch.yaml")).hooks.values()
+    hook = load_config(str(ROOT / "etc" / "portwatch.yaml")).hooks[name]
     marker, out = tmp_path / "pwned", tmp_path / "logger-args"
-    comm = f'x"$(touch {marker})`touch {marker}`;touch {marker}\n'
-    event = {"event": "reserved_port_taken", "rule": "ssh", "proto": "tcp", "address": "0.0.0.0",
-             "port": 22, "pid": 4242, "comm": comm, "unit": "evil.service"}
+    comm = COMM_BREAKING_OUT.format(marker=marker)
+    fields, expected = EXAMPLE_HOOKS[name]
+    event = {**fields, "comm": comm}
     recorder = tmp_path / "logger"
     recorder.write_text(f"#!/bin/sh\nprintf '%s\\0' \"$@\" > {out}\n")
     recorder.chmod(0o755)
@@ -374,7 +387,7 @@ def test_shipped_example_hook_passes_hostile_values_as_data(tmp_path: Path) -> N
     subprocess.run([*replace_logger, *hook.command], env=env, check=True, timeout=10)
     args = out.read_bytes().split(b"\0")[:-1]
     assert args[:3] == [b"-t", b"portwatch-hook", b"--"]
-    assert args[3:] == [f"reserved port tcp/22 (rule ssh) taken by pid 4242 ({comm}, unit evil.service)".encode()]
+    assert args[3:] == [expected.format(comm=comm).encode()]
     assert not marker.exists()
 
 

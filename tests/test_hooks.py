@@ -154,11 +154,12 @@ def test_environment_drops_systemd_variables_and_adds_event_values() -> None:
         "JOURNAL_STREAM": "8:1234",
         "INVOCATION_ID": "abc",
     }
-    env = hook_environment({"event": "policy_violated", "port": 22, "pid": None}, base)
+    env = hook_environment({"event": "port_conflict", "port": 22, "pid": None, "blocked_unit": "nginx.service",
+                            "blocked_pid": 41}, base)
     assert env == {
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
-        "PORTWATCH_EVENT": "policy_violated",
+        "PORTWATCH_EVENT": "port_conflict",
         "PORTWATCH_RULE": "",
         "PORTWATCH_PROTO": "",
         "PORTWATCH_ADDRESS": "",
@@ -168,6 +169,8 @@ def test_environment_drops_systemd_variables_and_adds_event_values() -> None:
         "PORTWATCH_EXE": "",
         "PORTWATCH_USER": "",
         "PORTWATCH_UNIT": "",
+        "PORTWATCH_BLOCKED_UNIT": "nginx.service",
+        "PORTWATCH_BLOCKED_PID": "41",
     }
     assert base["NOTIFY_SOCKET"] == "/run/systemd/notify"  # the input is not changed
 

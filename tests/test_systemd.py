@@ -4,7 +4,7 @@ The unit file is installed as shipped; a drop-in only points ExecStart= at a
 venv built from /usr/bin/python3 and at a test config, and shortens
 WatchdogSec= and RestartSec=. Everything the daemon does here runs under the
 unit's hardening: a system user of its own, two capabilities, the syscall filter,
-MemoryDenyWriteExecute, ProcSubset=pid, ProtectProc=ptraceable...
+MemoryDenyWriteExecute, ProtectProc=ptraceable, SupplementaryGroups=systemd-journal...
 """
 
 from __future__ import annotations
@@ -404,8 +404,8 @@ def test_an_entry_too_big_for_a_datagram_arrives_through_a_memfd(running: Instal
         running.stop_intruder(intruder)
 
 
-def test_procfs_fallback_works_under_procsubset_pid(running: Installed) -> None:
-    # ProcSubset=pid hides /proc/net; the daemon reads /proc/self/net, which stays.
+def test_procfs_fallback_works_in_the_shipped_unit(running: Installed) -> None:
+    # The daemon reads its own /proc/self/net (what a ProcSubset=pid drop-in would leave).
     running.drop_in(extra_args="--source proc")
     try:
         running.sandbox.systemctl("restart", UNIT)
