@@ -3,7 +3,6 @@ settings that decide whether an IPv6 wildcard takes IPv4 too."""
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from datetime import UTC, datetime
@@ -22,8 +21,8 @@ def system_v6only(path: str = BINDV6ONLY) -> bool:
         return False
 
 
-def try_bind(proto: Proto, address: str, port: int, *, v6only: bool) -> str | None:
-    """Bind as a server does (SO_REUSEADDR) and close at once: None, or why it failed."""
+def try_bind(proto: Proto, address: str, port: int, *, v6only: bool) -> OSError | None:
+    """Bind as a server does (SO_REUSEADDR) and close at once: None, or what it raised."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     kind = socket.SOCK_STREAM if proto is Proto.TCP else socket.SOCK_DGRAM
     with socket.socket(family, kind) as sock:
@@ -33,7 +32,7 @@ def try_bind(proto: Proto, address: str, port: int, *, v6only: bool) -> str | No
         try:
             sock.bind((address, port))
         except OSError as exc:
-            return _reason(exc, port)
+            return exc
     return None
 
 
@@ -49,14 +48,3 @@ def process_started(pid: int, proc: str = "/proc") -> str | None:
     started = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     return datetime.fromtimestamp(started, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
-
-def _reason(exc: OSError, port: int) -> str:
-    text = f"bind(): {exc.strerror or exc}"
-    if exc.errno == errno.EACCES:
-        text += (f"; as uid {os.geteuid()} without CAP_NET_BIND_SERVICE, ports below "
-                 "net.ipv4.ip_unprivileged_port_start are refused")
-    elif exc.errno == errno.EADDRNOTAVAIL:
-        text += "; no interface of this host has that address"
-    elif exc.errno == errno.EADDRINUSE:
-        text = f"bind(): address already in use (port {port})"
-    return text

@@ -1,10 +1,13 @@
 """A journal entry that reports a failed bind, read into who failed and on which port. Pure.
 
 Who failed comes from the fields journald sets itself (`_SYSTEMD_UNIT`, `_PID`,
-`_COMM`, `_EXE`), which a process cannot forge; `UNIT=` only when systemd wrote
-the entry (its own unit is init.scope). The message text is the program's and
-attacker-controlled: it is used to see that a bind failed and on which
-address and port, never for who failed.
+`_COMM`, `_EXE`, `_UID`), which a process cannot forge; `UNIT=` only when root
+wrote the entry without a unit of its own (systemd, whose unit is init.scope, and
+its short-lived `(sd-listen)` helper, gone before journald could read its cgroup).
+The message text is the program's and attacker-controlled: it is used to see that
+a bind failed and on which address and port, never for who failed. portwatch's
+own entries (and its hooks') are never read back as failures: a process named
+"errno 98" would otherwise turn its listener_opened into a conflict.
 
 What real programs write (systemd 252): nginx `bind() to 127.0.0.1:8080 failed
 (98: Address already in use)` and later `still could not bind()`; sshd
@@ -31,8 +34,10 @@ _FOLLOW_UP = re.compile(r"(?:could not|cannot|can't|unable to) bind", re.IGNOREC
 
 # Where, most specific first: sshd's words, then an address:port as programs write them.
 _SSHD = re.compile(r"\bport (\d{1,5}) on (\S+) failed", re.IGNORECASE)
+_TUPLE = re.compile(r"\('([0-9A-Fa-f:.]*)', (\d{1,5})\)")  # asyncio/uvicorn: ('127.0.0.1', 8000)
 _ENDPOINT = re.compile(
     r"\[(?P<v6>[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)(?:%[\w.-]+)?\]:(?P<p6>\d{1,5})\b"
+    r"|(?<![\w.:])(?P<any6>::):(?P<pany>\d{1,5})\b"  # Node: :::3000
     r"|(?<![\w.:])(?P<v4>\d{1,3}(?:\.\d{1,3}){3}|\*|localhost)?:(?P<p4>\d{1,5})\b(?![.\d]|:\d)"
 )
 _ANY = {"*": None, "": None}
@@ -53,10 +58,17 @@ class BindFailure(NamedTuple):
     cursor: str
 
 
-def parse(entry: Mapping[str, Any]) -> BindFailure | None:
+class Own(NamedTuple):
+    """What marks portwatch's own entries: its pid, and its unit's invocation (hooks too)."""
+
+    pid: int
+    invocation: str | None
+
+
+def parse(entry: Mapping[str, Any], own: Own | None = None) -> BindFailure | None:
     """The failed bind an entry of `journalctl -o json` reports, or None."""
     message = field_text(entry.get("MESSAGE"))
-    if message is None:
+    if message is None or (own is not None and _is_own(entry, own)):
         return None
     errno = field_text(entry.get("ERRNO"))
     in_use = errno == str(EADDRINUSE) or _IN_USE.search(message) is not None
@@ -81,15 +93,17 @@ def parse(entry: Mapping[str, Any]) -> BindFailure | None:
 def endpoint_in(message: str) -> tuple[str | None, int | None]:
     """The first address and port a message names: `127.0.0.1:80`, `[::]:80`, `*:80`, `:80`,
     `port 80 on 10.0.0.1`. The address is None when any address is meant or none is said."""
-    sshd = _SSHD.search(message)
-    if sshd is not None:
-        port = _port(sshd.group(1))
-        if port is not None:
-            return _address(sshd.group(2)), port
+    for pattern in (_SSHD, _TUPLE):
+        found = pattern.search(message)
+        if found is not None:
+            address, port = found.groups()[::-1] if pattern is _SSHD else found.groups()
+            if _port(port) is not None:
+                return _address(address), _port(port)
     for found in _ENDPOINT.finditer(message):
-        port = _port(found.group("p6") or found.group("p4"))
-        if port is not None:
-            return _address(found.group("v6") if found.group("p6") else found.group("v4")), port
+        for address_group, port_group in (("v6", "p6"), ("any6", "pany"), ("v4", "p4")):
+            port = _port(found.group(port_group))
+            if port is not None:
+                return _address(found.group(address_group)), port
     return None, None
 
 
@@ -107,9 +121,15 @@ def field_text(value: Any) -> str | None:
 
 def _unit(entry: Mapping[str, Any]) -> str | None:
     unit = field_text(entry.get("_SYSTEMD_UNIT"))
-    if unit == MANAGER_UNIT:  # systemd itself: the unit it writes about
-        return field_text(entry.get("UNIT"))
+    if unit in (None, MANAGER_UNIT) and field_text(entry.get("_UID")) == "0":
+        return field_text(entry.get("UNIT")) or unit  # systemd and its helpers: the unit meant
     return unit
+
+
+def _is_own(entry: Mapping[str, Any], own: Own) -> bool:
+    if own.invocation is not None and field_text(entry.get("_SYSTEMD_INVOCATION_ID")) == own.invocation:
+        return True
+    return _int(entry.get("_PID")) == own.pid
 
 
 def _address(text: str | None) -> str | None:

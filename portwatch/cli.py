@@ -42,7 +42,7 @@ from portwatch.walk import Walk
 
 class ExitStatus(IntEnum):
     OK = 0
-    NOT_FOUND = 1  # `who`: nothing listens on that port; `why`: the port cannot be bound
+    NOT_FOUND = BLOCKED = 1  # `who`: nothing listens on that port; `why`: it cannot be bound
     USAGE = 2  # bad arguments (argparse's convention)
     DATA_ERROR = 65  # EX_DATAERR: a /proc table we could not parse or read
     IO_ERROR = 74  # EX_IOERR: the output could not be written
@@ -343,15 +343,15 @@ def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     wanted_v6only = bindcheck.system_v6only()
     found = why.blockers(listeners, proto, args.address, args.port, v6only=v6only,
                          wanted_v6only=wanted_v6only)
-    error = bindcheck.try_bind(proto, args.address, args.port, v6only=wanted_v6only)
+    failed = bindcheck.try_bind(proto, args.address, args.port, v6only=wanted_v6only)
     since = {b.listener.socket.inode: started for b in found if b.listener.processes
              and (started := bindcheck.process_started(b.listener.processes[0].pid, args.proc)) is not None}
-    can, text = why.explain(proto, args.address, args.port, found, bind_error=error,
+    can, text = why.explain(proto, args.address, args.port, found, bind_failed=failed, uid=os.geteuid(),
                             since={inode: f"{when} (process start)" for inode, when in since.items()})
     if args.json:
         _print_json({
             "proto": proto.value, "address": args.address, "port": args.port, "would_bind": can,
-            "bind_error": error, "explanation": text,
+            "bind_error": None if failed is None else failed.strerror, "explanation": text,
             "blockers": [{**listener_json(b.listener), "reason": b.reason,
                           "process_started": since.get(b.listener.socket.inode)} for b in found],
         })
@@ -359,7 +359,7 @@ def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
         sys.stdout.write(escape(text) + "\n")
     if unread and can:
         return _incomplete(unread)
-    return ExitStatus.OK if can else ExitStatus.NOT_FOUND
+    return ExitStatus.OK if can else ExitStatus.BLOCKED
 
 
 def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:

@@ -12,21 +12,22 @@ bounded (MAX_EPISODES) whatever a flood of lines says.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import NamedTuple
 
 from portwatch.bindfail import BindFailure
 from portwatch.model import Listener, Proto
 from portwatch.policy import Rule
+from portwatch.why import SAME, overlap
 
 SETTLE = 1.0  # seconds without a repeat before an episode is reported
 MAX_HOLD = 3.0  # an episode is reported at most this long after its first line
 QUIET = 60.0  # repeats within this of a report are counted into the next one
 RECENTLY_CLOSED = 10.0  # closed listeners kept this long: the holder may be gone by the report
-MAX_EPISODES = 256  # episodes and quiet keys kept at once; beyond it the oldest go
+MAX_EPISODES = 256  # episodes open at once (more are counted as suppressed), keys remembered
 MAX_PER_UNIT = 3  # conflicts reported per unit (any port) within QUIET; more are only counted
 
 Key = tuple[str, int | None]
@@ -40,11 +41,11 @@ class Episode:
     first: BindFailure
     port: int | None
     address: str | None
-    proto: Proto | None  # known only when the port came from a rule
+    proto: Proto | None  # known only when the port came from a rule or a socket unit
     rule: str | None  # the rule the port came from
     first_at: float
     last_at: float
-    cursor_before: str  # the journal position just before its first line
+    cursor_before: str | None  # the journal position just before its first line (None: not known)
     last_usec: int  # journal time of its last line
     repeats: int = 1
     earlier: int = 0  # lines counted during the quiet time after the previous report
@@ -74,7 +75,7 @@ class Conflicts:
         return len(self._open)
 
     def observe(
-        self, failure: BindFailure, now: float, *, cursor_before: str, while_down: bool,
+        self, failure: BindFailure, now: float, *, cursor_before: str | None, while_down: bool,
         rules: Iterable[Rule] = (), listen_of: Callable[[str], tuple[Proto, int] | None] = lambda _: None,
     ) -> None:
         """One failed-bind line. A line without a port joins its unit's open episode; a follow-up
@@ -136,17 +137,9 @@ class Conflicts:
             self._remember(episode, now)
         return ready
 
-    def flush(self, now: float) -> list[Episode]:
-        """Every open episode (the daemon is stopping)."""
-        episodes = list(self._open.values())
-        self._open.clear()
-        for episode in episodes:
-            self._remember(episode, now)
-        return episodes
-
-    def cursor_before_open(self) -> str | None:
-        """The journal position to resume from so that no open episode is lost (None: none open)."""
-        return min(self._open.values(), key=lambda e: e.first_at).cursor_before if self._open else None
+    def oldest_open(self) -> Episode | None:
+        """The episode to resume reading before, after a restart, so that none is lost."""
+        return min(self._open.values(), key=lambda e: e.first_at, default=None)
 
     def closed(self, listener: Listener, now: float) -> None:
         self._closed.append(Closed(listener, now))
@@ -185,44 +178,24 @@ def port_from_rules(unit: str | None, rules: Iterable[Rule]) -> tuple[str | None
     found = [
         (rule.name, rule.proto, rule.ports[0].first) for rule in rules
         if len(rule.ports) == 1 and rule.ports[0].first == rule.ports[0].last
-        and any(allow.unit == unit for allow in rule.allow)
+        and any(allow.unit is not None and fnmatchcase(unit, allow.unit) for allow in rule.allow)
     ]
     return found[0] if len(found) == 1 else None
 
 
-def holders(listeners: Iterable[Listener], port: int, address: str | None,
-            proto: Proto | None = None) -> list[Listener]:
-    """The listeners that keep a bind of `address`:`port` from succeeding, best match first:
-    the same address, then a wildcard, then (address unknown) any address. TCP before UDP."""
-    ranked = []
+def holders(listeners: Iterable[Listener], port: int, address: str | None, proto: Proto) -> list[Listener]:
+    """The listeners of `proto` that keep a bind of `address`:`port` from succeeding (by the
+    kernel's rule, why.overlap; v6-only not known here, so counted as Linux's default,
+    dual-stack), the same address first; every one on the port when the address is not known."""
+    found = []
     for listener in listeners:
         sock = listener.socket
-        if sock.port != port or (proto is not None and sock.proto is not proto):
+        if sock.port != port or sock.proto is not proto:
             continue
-        rank = overlap_rank(sock.address, address)
-        if rank is not None:
-            ranked.append((sock.proto is not Proto.TCP, rank, sock.inode, listener))
-    return [listener for *_, listener in sorted(ranked, key=lambda r: r[:3])]
-
-
-def overlap_rank(held: str, wanted: str | None) -> int | None:
-    """0 same address, 1 one side is a wildcard, 2 address not known; None: no overlap.
-
-    `::` held by a dual-stack socket also takes IPv4 (the kernel says whether it is
-    v6-only; unknown here, so it counts as overlapping, as the default is dual-stack).
-    """
-    if wanted is None:
-        return 2
-    try:
-        a, b = ipaddress.ip_address(held), ipaddress.ip_address(wanted)
-    except ValueError:
-        return 2
-    if a == b:
-        return 0
-    if a.version == b.version and (a.is_unspecified or b.is_unspecified):
-        return 1
-    if a.version == 6 and a.is_unspecified:  # [::] without IPV6_V6ONLY holds 0.0.0.0 too
-        return 1
-    if b.version == 6 and b.is_unspecified and a.version == 4:
-        return 1
-    return None
+        if address is None:
+            found.append((1, sock.inode, listener))
+            continue
+        reason = overlap(sock.address, None, address, wanted_v6only=False)
+        if reason is not None:
+            found.append((reason != SAME, sock.inode, listener))
+    return [listener for *_, listener in sorted(found, key=lambda f: f[:2])]

@@ -103,7 +103,7 @@ class Daemon:
         if journal_position is not None:
             self.report.conflicts.reported.update(journal_position.reported)
         reopen = lambda: open_journal(self.config, JournalPosition())  # noqa: E731
-        self.conflict_watch = ConflictWatch(journal, self.report, reopen)
+        self.conflict_watch = ConflictWatch(journal, self.report, reopen, wall=wall)
         self.wall = wall
         self._scanned_after = float("-inf")  # when the last finished scan began
         self.pace = Pacer(config.interval)
@@ -131,8 +131,7 @@ class Daemon:
             self.start()
             self._loop(sel, rfd)
         finally:
-            self.conflict_watch.flush(self.clock(), self._listening())
-            self._save_state(force=True)
+            self._save_state(force=True)  # a conflict not reported yet is read again at the next start
             self._shutdown()
             sel.close()
             for fd in (rfd, wfd):
@@ -164,7 +163,7 @@ class Daemon:
             self._baseline(self.snapshot, saved)
         self._save_state(force=True)  # the baseline, so a SIGKILL before any change loses nothing
         self.report.denied(snap, self.scanner.capabilities)
-        self.conflict_watch.start(started_usec=int(self.wall() * 1e6))
+        self.conflict_watch.start(self.clock(), started_usec=int(self.wall() * 1e6))
         self._update_status()
         self._last_ping = self.pace.last_scan
         self.notifier.ready(self._status_text())
@@ -193,7 +192,7 @@ class Daemon:
                 self.tick(early=self.pace.early(now))
             reported = self.conflict_watch.report_due(self.clock(), self._scanned_after, self._listening())
             self.saves.dirty |= reported
-            self._save_state()
+            self._save_state(force=reported)  # a crash right after a report must not repeat it
             self._ping_watchdog()
 
     def _shutdown(self) -> None:
@@ -299,7 +298,7 @@ class Daemon:
             self.pace.interval = new.interval
             self.hooks.configure(max_parallel=new.max_parallel_hooks, cooldown=new.hook_cooldown)
             self.emit("config_reloaded", {"path": path, "reserved_rules": len(new.reserved)})
-            self.conflict_watch.want(new.follow_journal)
+            self.conflict_watch.want(new.follow_journal, self.clock())
             self.saves.dirty |= self.report.reconfigured(new, self._listening())
             self._update_status()
         self.notifier.ready(self._status_text())
@@ -384,7 +383,7 @@ def open_journal(config: Config, position: JournalPosition) -> Journal | None:
         return None
     from portwatch.journalfollow import JournalFollower  # noqa: PLC0415
 
-    return JournalFollower(position.cursor)
+    return JournalFollower(position.cursor, position.since_usec)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

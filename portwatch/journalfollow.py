@@ -34,16 +34,17 @@ JOURNAL_DIRS = ("/var/log/journal", "/run/log/journal")
 # What journalctl itself keeps (PCRE2, case-insensitive); bindfail.parse decides.
 GREP = r"address already in use|eaddrinuse|errno 98|could not bind|cannot bind|can't bind|unable to bind"
 # Only the fields bindfail reads (journalctl adds __CURSOR and the timestamps).
-FIELDS = "MESSAGE,ERRNO,UNIT,_SYSTEMD_UNIT,_PID,_COMM,_EXE"
+FIELDS = "MESSAGE,ERRNO,UNIT,_SYSTEMD_UNIT,_SYSTEMD_INVOCATION_ID,_PID,_UID,_COMM,_EXE"
 _UNREADABLE_HINT = b"not seeing messages from other users and the system"
 
 
 class JournalFollower:
     """The child, its output as journal entries, and why it is not running when it is not."""
 
-    def __init__(self, cursor: str | None, *, journalctl: str | None = None,
+    def __init__(self, cursor: str | None, since_usec: int | None = None, *, journalctl: str | None = None,
                  directories: tuple[str, ...] = JOURNAL_DIRS) -> None:
-        self.cursor = cursor  # the last entry read (None: start at the end)
+        self.cursor = cursor  # the last entry read
+        self.since_usec = since_usec  # without a cursor: entries from this time on (None: from now)
         self.problem: str | None = None
         self._journalctl = journalctl or shutil.which("journalctl") or "/usr/bin/journalctl"
         self._directories = directories
@@ -54,14 +55,21 @@ class JournalFollower:
         self._stderr = bytearray()
         self._died_at: float | None = None
 
-    def start(self) -> bool:
-        """Start following; False (and `problem` says why) when the journal cannot be read."""
+    def start(self, now: float) -> bool:
+        """Start following; False (and `problem` says why) when the journal cannot be read, and
+        then again RESTART_AFTER seconds later (due_restart)."""
+        self._died_at = now
         self.problem = readable_system_journal(self._directories)
         if self.problem is not None:
             return False
-        argv = [self._journalctl, "--system", "--follow", "--output=json", "--no-pager",
-                f"--output-fields={FIELDS}"]
-        argv.append(f"--after-cursor={self.cursor}" if self.cursor else "--lines=0")
+        # Every journal, users' too: who failed comes from trusted fields, not from where it is.
+        argv = [self._journalctl, "--follow", "--output=json", "--no-pager", f"--output-fields={FIELDS}"]
+        if self.cursor:
+            argv.append(f"--after-cursor={self.cursor}")
+        elif self.since_usec:
+            argv.append(f"--since=@{self.since_usec // 1_000_000}.{self.since_usec % 1_000_000:06d}")
+        else:
+            argv.append("--lines=0")
         if self._grep:
             argv += [f"--grep={GREP}", "--case-sensitive=false"]
         try:
@@ -83,6 +91,7 @@ class JournalFollower:
         self._died_at = None
         return True
 
+
     def fileno(self) -> int | None:
         return self._proc.stdout.fileno() if self._proc is not None and self._proc.stdout else None
 
@@ -103,7 +112,7 @@ class JournalFollower:
         return self._entries(chunk)
 
     def due_restart(self, now: float) -> bool:
-        """A dead child is started again after RESTART_AFTER seconds."""
+        """A child that ended, or never started, is started again after RESTART_AFTER seconds."""
         return self._proc is None and self._died_at is not None and now - self._died_at >= RESTART_AFTER
 
     def close(self) -> None:
@@ -160,7 +169,7 @@ class JournalFollower:
             self._died_at = now - RESTART_AFTER
             return
         if self.cursor is not None and any("cursor" in line.lower() for line in said):
-            self.cursor = None  # not this journal's (a copied state file): follow from now on
+            self.cursor = self.since_usec = None  # not this journal's (a copied state file): from now
             self._died_at = now - RESTART_AFTER
             return
         why = said[-1] if said else f"exit status {proc.returncode}"

@@ -20,6 +20,7 @@ from portwatch.events import change_event, conflict_event
 from portwatch.hooks import HookRunner
 from portwatch.judge import Judge
 from portwatch.model import Listener, Proto, Snapshot
+from portwatch.policy import evaluate
 from portwatch.snapshot import ChangeKind, diff
 
 Emit = Callable[[str, Mapping[str, Any]], None]
@@ -92,14 +93,15 @@ class Reporter:
 
     def conflict(self, episode: Episode, listening: Iterable[Listener]) -> None:
         """port_conflict for one failed start, with the listener in the way, and its hooks."""
-        port, found, closed_since = episode.port, [], False
+        port, holder, closed_since = episode.port, None, False
         if port is not None:
-            found = holders(listening, port, episode.address, episode.proto)
-            if not found:
-                closed = self.conflicts.recently_closed(self.clock())
-                found = holders(closed, port, episode.address, episode.proto)
-                closed_since = bool(found)
-        holder = found[0] if found else None
+            closed = self.conflicts.recently_closed(self.clock())
+            # A message rarely says TCP or UDP: TCP (live, then just closed) before UDP.
+            for proto in (episode.proto,) if episode.proto else (Proto.TCP, Proto.UDP):
+                for candidates, gone in ((listening, False), (closed, True)):
+                    found = holders(candidates, port, episode.address, proto)
+                    if found and holder is None:
+                        holder, closed_since = found[0], gone
         unresolved = None
         if port is None:
             unresolved = "the failure names no port, and neither a reserved rule nor a socket unit gives one"
@@ -117,7 +119,9 @@ class Reporter:
         if closed_since:
             fields["holder_closed"] = True
         self.emit("port_conflict", fields)
-        hook_names = dict.fromkeys((*self.config.conflict_hooks, *(rule.hooks if rule is not None else ())))
+        # The rule's hooks are for a reserved port taken: not when its allowed owner is in the way.
+        squatted = rule is not None and holder is not None and evaluate(rule, holder) is not None
+        hook_names = dict.fromkeys((*self.config.conflict_hooks, *(rule.hooks if rule and squatted else ())))
         event = {"event": "port_conflict", **fields}
         for name in hook_names:
             spec = self.config.hooks[name]
@@ -130,7 +134,7 @@ class Reporter:
             self.emit("degraded", {
                 "reason": f"cannot follow the journal for failed binds: {problem}; "
                 "port conflicts are not reported (everything else is)",
-                "missing": "read access to the system journal (group systemd-journal)",
+                "missing": "journalctl, and read access to the journal (group systemd-journal)",
             })
 
     def reconfigured(self, config: Config, listening: Iterable[Listener]) -> bool:

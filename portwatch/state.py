@@ -44,6 +44,7 @@ class JournalPosition:
     """Where the journal was read up to, kept across reboots (cursors are not per boot)."""
 
     cursor: str | None = None
+    since_usec: int | None = None  # without a cursor: read the entries from this time on
     # "unit port" -> journal time (usec) of the last failure reported for it
     reported: dict[str, int] = field(default_factory=dict)
 
@@ -100,9 +101,10 @@ class StateStore:
             with open(self.path, "rb") as f:
                 data = json.loads(f.read())
             journal = data.get("journal") or {}
-            cursor = journal.get("cursor")
+            cursor, since = journal.get("cursor"), journal.get("since_usec")
             reported = {str(k): int(v) for k, v in (journal.get("reported") or {}).items()}
-            return JournalPosition(cursor if isinstance(cursor, str) and cursor else None, reported)
+            return JournalPosition(cursor if isinstance(cursor, str) and cursor else None,
+                                   since if isinstance(since, int) and since > 0 else None, reported)
         except (OSError, ValueError, TypeError, AttributeError, RecursionError):
             return JournalPosition()
 
@@ -120,7 +122,8 @@ class StateStore:
             "saved_at": saved_at,
             "complete": snapshot.complete,
             "taken": {str(inode): pids for inode, pids in taken.items()},
-            "journal": {"cursor": journal.cursor, "reported": journal.reported} if journal else None,
+            "journal": {"cursor": journal.cursor, "since_usec": journal.since_usec,
+                        "reported": journal.reported} if journal else None,
         }
         seen = seen or {}
         os.makedirs(self.directory, mode=0o700, exist_ok=True)

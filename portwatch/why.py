@@ -11,6 +11,7 @@ sockets that both set SO_REUSEADDR share: the real `bind()` the CLI makes decide
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -18,6 +19,7 @@ from typing import NamedTuple
 from portwatch.model import Listener, Proto, endpoint
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+SAME = "the same address"
 
 
 class Blocker(NamedTuple):
@@ -25,13 +27,16 @@ class Blocker(NamedTuple):
     reason: str  # why it overlaps, in words
 
 
-def overlap(held: str, held_v6only: bool | None, wanted: str, wanted_v6only: bool) -> str | None:
+def overlap(held: str, held_v6only: bool | None, wanted: str, *, wanted_v6only: bool) -> str | None:
     """Why a listener on `held` keeps a bind of `wanted` (same protocol and port) from
     succeeding, or None when it does not. `held_v6only` None: not known (counted as dual-stack,
     Linux's default)."""
-    a, b = _ip(held), _ip(wanted)
+    try:
+        a, b = _ip(held), _ip(wanted)
+    except ValueError:
+        return None
     if a == b:
-        return "the same address"
+        return SAME
     if a.version == b.version:
         if a.is_unspecified:
             return f"it listens on every IPv{a.version} address"
@@ -54,34 +59,45 @@ def blockers(listeners: Iterable[Listener], proto: Proto, wanted: str, port: int
         if sock.proto is not proto or sock.port != port:
             continue
         held_v6only = v6only.get(sock.inode) if sock.family == 6 else None
-        reason = overlap(sock.address, held_v6only, wanted, wanted_v6only)
+        reason = overlap(sock.address, held_v6only, wanted, wanted_v6only=wanted_v6only)
         if reason is not None:
             found.append(Blocker(listener, reason))
     return found
 
 
-def explain(proto: Proto, wanted: str, port: int, found: list[Blocker], *, bind_error: str | None,
-            since: Mapping[int, str]) -> tuple[bool, str]:
-    """Whether a server could bind now, and one paragraph saying why (or why not)."""
+def explain(proto: Proto, wanted: str, port: int, found: list[Blocker], *, bind_failed: OSError | None,
+            uid: int, since: Mapping[int, str]) -> tuple[bool, str]:
+    """Whether a server could bind now, and one paragraph saying why (or why not).
+
+    `bind_failed`: what the real bind() raised (None: it bound). EACCES only says that this user
+    may not bind the port (no CAP_NET_BIND_SERVICE): the listeners found decide then.
+    """
     where = f"{proto.value} {endpoint(wanted, port)}"
-    if not found and bind_error is None:
-        return True, f"{where} can be bound now: no listener overlaps it and bind() succeeded."
+    parts = [f"{_holder(b.listener)} listens on {endpoint(b.listener.socket.address, port)}"
+             + (f" since {since[b.listener.socket.inode]}" if b.listener.socket.inode in since else "")
+             + f": {b.reason}" for b in found]
+    blockers = "; ".join(parts)
+    bind_errno = None if bind_failed is None else bind_failed.errno
+    if bind_errno == errno.EACCES:
+        untested = (f"bind() could not test it: uid {uid} may not bind ports below "
+                    "net.ipv4.ip_unprivileged_port_start without CAP_NET_BIND_SERVICE")
+        if found:
+            return False, f"{where} cannot be bound now: {blockers}. ({untested}.)"
+        return True, (f"{where} can be bound by a server allowed to bind it: no listener overlaps it "
+                      f"({untested}).")
+    if bind_errno == errno.EADDRNOTAVAIL:
+        return False, f"{where} cannot be bound: no interface of this host has the address {wanted}."
+    if bind_errno is None:
+        if not found:
+            return True, f"{where} can be bound now: no listener overlaps it and bind() succeeded."
+        return True, (f"{where} can be bound now although these overlap (they share the port: "
+                      f"SO_REUSEPORT, or UDP with SO_REUSEADDR): {blockers}.")
+    failed = f"bind() failed: {bind_failed.strerror if bind_failed is not None else '?'}"
     if not found:
-        return False, (f"{where} cannot be bound now: bind() failed ({bind_error}), and no listener "
-                       "portwatch can see overlaps it (a socket bound but not listening, a connection "
-                       "holding the port, or the address is not on this host).")
-    parts = []
-    for blocker in found:
-        listener = blocker.listener
-        who = _holder(listener)
-        when = since.get(listener.socket.inode)
-        parts.append(f"{who} listens on {endpoint(listener.socket.address, port)}"
-                     + (f" since {when}" if when else "") + f": {blocker.reason}")
-    if bind_error is None:
-        return True, (f"{where} can be bound now although these overlap (they share the port, "
-                      f"SO_REUSEPORT or UDP with SO_REUSEADDR): " + "; ".join(parts) + ".")
-    return False, (f"{where} cannot be bound now ({bind_error}): " + "; ".join(parts)
-                   + ". Stop or move that holder, or bind the server elsewhere.")
+        return False, (f"{where} cannot be bound now ({failed}), and no listener portwatch can see "
+                       "overlaps it: a socket bound but not listening, or a connection, holds the port.")
+    return False, (f"{where} cannot be bound now ({failed}): {blockers}. "
+                   "Stop or move that holder, or bind the server elsewhere.")
 
 
 def _holder(listener: Listener) -> str:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from portwatch.bindfail import BindFailure, endpoint_in, parse
-from portwatch.conflicts import MAX_EPISODES, MAX_HOLD, MAX_PER_UNIT, QUIET, Conflicts, holders
+from portwatch.bindfail import BindFailure, Own, endpoint_in, parse
+from portwatch.conflicts import MAX_EPISODES, MAX_HOLD, MAX_PER_UNIT, QUIET, Conflicts, Episode, holders
 from portwatch.model import Listener, Process, Proto, Socket
 from portwatch.policy import Allow, PortRange, Rule
 
@@ -28,7 +28,10 @@ def entry(message: Any, unit: str = "nginx.service", **extra: str) -> dict[str, 
     ("bad.socket: Failed to create listening socket (127.0.0.1:8082): Address already in use",
      "127.0.0.1", 8082),
     ("listen tcp :8080: bind: address already in use", None, 8080),
-    ("Error: listen EADDRINUSE: address already in use *:3000", None, 3000),
+    ("Error: listen EADDRINUSE: address already in use :::3000", "::", 3000),  # Node
+    ("Error: listen EADDRINUSE: address already in use 127.0.0.1:3000", "127.0.0.1", 3000),
+    ("ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000): address "
+     "already in use", "127.0.0.1", 8000),  # uvicorn
     ("OSError: [Errno 98] Address already in use", None, None),
     ("couldn't bind to [fe80::1%eth0]:53: Address already in use", "fe80::1", 53),
 ])
@@ -61,14 +64,31 @@ def test_other_lines_are_not_failures(message: str) -> None:
 
 
 def test_errno_field_counts_and_systemd_names_the_unit_it_writes_about() -> None:
-    """systemd's own entries (unit init.scope) name their unit in UNIT=; anyone else's UNIT= is
-    their own words and ignored."""
+    """systemd's own entries (unit init.scope, or none: its `(sd-listen)` helper may be gone
+    before journald reads its cgroup) name their unit in UNIT=; anyone else's UNIT= is their own
+    words and ignored, also when they exit before journald could see their unit."""
     by_manager = parse(entry("bad.socket: Failed to create listening socket (127.0.0.1:8082): x",
-                             unit="init.scope", UNIT="bad.socket", ERRNO="98"))
+                             unit="init.scope", UNIT="bad.socket", ERRNO="98", _UID="0"))
     assert by_manager is not None and by_manager.unit == "bad.socket" and by_manager.port == 8082
+    helper = entry("bad.socket: Failed to create listening socket (127.0.0.1:8082): x",
+                   UNIT="bad.socket", ERRNO="98", _UID="0")
+    del helper["_SYSTEMD_UNIT"]
+    assert parse(helper) is not None and parse(helper).unit == "bad.socket"  # type: ignore[union-attr]
     forged = parse(entry("bind() to 127.0.0.1:81 failed (98: Address already in use)",
-                         unit="evil.service", UNIT="ssh.service"))
+                         unit="evil.service", UNIT="ssh.service", _UID="1000"))
     assert forged is not None and forged.unit == "evil.service"
+    quick = {**helper, "_UID": "1000"}
+    assert parse(quick) is not None and parse(quick).unit is None  # type: ignore[union-attr]
+
+
+def test_portwatchs_own_entries_and_its_hooks_are_never_failures() -> None:
+    """A process named "errno 98" listening makes portwatch write that name into its journal;
+    read back, it must not become a conflict."""
+    own = Own(pid=700, invocation="abc")
+    line = "new listener tcp/*:1234 held by errno 98[4242]"
+    assert parse(entry(line, unit="portwatch.service", _PID="700"), own) is None
+    assert parse(entry(line, unit="portwatch.service", _PID="701", _SYSTEMD_INVOCATION_ID="abc"), own) is None
+    assert parse(entry(line, unit="other.service", _PID="701", _SYSTEMD_INVOCATION_ID="def"), own) is not None
 
 
 def test_binary_and_repeated_fields() -> None:
@@ -107,12 +127,13 @@ def test_nginx_is_one_conflict_reported_once_quiet_and_scanned() -> None:
     conflicts = Conflicts()
     nginx_fails(conflicts, 100.0)
     assert conflicts.due(100.0 + MAX_HOLD - 0.1, scanned_after=101.0) == []
-    assert conflicts.cursor_before_open() == "c0"
+    oldest = conflicts.oldest_open()
+    assert oldest is not None and oldest.cursor_before == "c0"
     # Quiet long enough, but no scan has begun since the failure: the holder may be unseen yet.
     assert conflicts.due(100.0 + MAX_HOLD + 1, scanned_after=99.0) == []
     (episode,) = conflicts.due(100.0 + MAX_HOLD + 1, scanned_after=100.5)
     assert episode.repeats == 6 and episode.port == 8080 and episode.first.unit == "nginx.service"
-    assert conflicts.cursor_before_open() is None and len(conflicts) == 0
+    assert conflicts.oldest_open() is None and len(conflicts) == 0
     assert conflicts.reported == {"nginx.service 8080": 6}
 
 
@@ -134,7 +155,7 @@ def test_a_failure_without_port_takes_the_port_of_the_rule_allowing_its_unit() -
     for unit in ("app.service", "other.service", "nobody.service"):
         conflicts.observe(failure("OSError: [Errno 98] Address already in use", unit=unit), 0.0,
                           cursor_before="", while_down=False, rules=rules)
-    episodes = {e.first.unit: e for e in conflicts.flush(10.0)}
+    episodes = {e.first.unit: e for e in flush(conflicts, 10.0)}
     assert (episodes["app.service"].port, episodes["app.service"].rule) == (9000, "app")
     assert episodes["app.service"].proto is Proto.TCP
     assert episodes["other.service"].port is None  # a range names no one port
@@ -147,7 +168,7 @@ def test_a_follow_up_alone_is_nothing_and_lines_seen_before_a_restart_are_skippe
     conflicts.observe(failure(usec=5), 0.0, cursor_before="", while_down=False)
     assert len(conflicts) == 0
     conflicts.observe(failure(usec=6), 0.0, cursor_before="c5", while_down=True)
-    (episode,) = conflicts.flush(1.0)
+    (episode,) = flush(conflicts, 1.0)
     assert episode.while_down
 
 
@@ -161,6 +182,11 @@ def test_a_flood_of_distinct_units_keeps_memory_bounded() -> None:
     assert len(conflicts.reported) <= MAX_EPISODES
 
 
+def flush(conflicts: Conflicts, now: float) -> list[Episode]:
+    """Every open episode, as if quiet and scanned long enough."""
+    return conflicts.due(now + 1e6, scanned_after=now + 1e6)
+
+
 def listener(address: str, port: int, inode: int, proto: Proto = Proto.TCP) -> Listener:
     family = 6 if ":" in address else 4
     return Listener(Socket(proto, family, address, port, inode, 0),
@@ -170,9 +196,12 @@ def listener(address: str, port: int, inode: int, proto: Proto = Proto.TCP) -> L
 def test_holders_best_match_first() -> None:
     found = [listener("0.0.0.0", 80, 1), listener("127.0.0.1", 80, 2), listener("10.0.0.1", 80, 3),
              listener("::", 80, 4), listener("127.0.0.1", 81, 5), listener("127.0.0.1", 80, 6, Proto.UDP)]
-    assert [x.socket.inode for x in holders(found, 80, "127.0.0.1")] == [2, 1, 4, 6]
-    assert [x.socket.inode for x in holders(found, 80, None)] == [1, 2, 3, 4, 6]
+    assert [x.socket.inode for x in holders(found, 80, "127.0.0.1", Proto.TCP)] == [2, 1, 4]
+    assert [x.socket.inode for x in holders(found, 80, None, Proto.TCP)] == [1, 2, 3, 4]
+    assert [x.socket.inode for x in holders(found, 80, "127.0.0.1", Proto.UDP)] == [6]
     assert [x.socket.inode for x in holders(found, 80, "::1", Proto.TCP)] == [4]
+    mapped = [listener("::ffff:127.0.0.1", 80, 7)]
+    assert [x.socket.inode for x in holders(mapped, 80, "127.0.0.1", Proto.TCP)] == [7]
 
 
 def test_one_unit_failing_on_many_ports_is_rate_limited_and_counted() -> None:
@@ -186,7 +215,7 @@ def test_one_unit_failing_on_many_ports_is_rate_limited_and_counted() -> None:
     later = "bind() to 127.0.0.1:30000 failed (98: Address already in use)"
     conflicts.observe(failure(later, unit="flood.service", usec=500), QUIET + 20.0, cursor_before="",
                       while_down=False)
-    (episode,) = conflicts.flush(QUIET + 21.0)
+    (episode,) = flush(conflicts, QUIET + 21.0)
     assert episode.port == 30000 and episode.suppressed == 100 - MAX_PER_UNIT
 
 
@@ -201,7 +230,7 @@ def test_a_socket_unit_naming_no_port_gets_its_listen_port_from_systemd() -> Non
     for unit in ("mdns.socket", "app.service"):
         conflicts.observe(failure("Failed to listen: Address already in use", unit=unit), 0.0,
                           cursor_before="", while_down=False, listen_of=listen_of)
-    episodes = {e.first.unit: e for e in conflicts.flush(1.0)}
+    episodes = {e.first.unit: e for e in flush(conflicts, 1.0)}
     assert (episodes["mdns.socket"].proto, episodes["mdns.socket"].port) == (Proto.UDP, 5353)
     assert episodes["app.service"].port is None
     assert asked == ["mdns.socket"]  # systemd is asked about socket units only

@@ -255,6 +255,27 @@ def test_a_restart_repeats_nothing_and_misses_nothing(scene: Scene) -> None:
     assert scene.events(after, "PORTWATCH_EVENT=degraded") == []
 
 
+def test_a_restart_in_the_middle_of_a_failure_reports_it_once(scene: Scene) -> None:
+    """portwatch restarted while nginx is still retrying: the failure is reported once, by the
+    new run, which reads it again from before its first line."""
+    sandbox = scene.sandbox
+    before = scene.invocation()
+    earlier = sandbox.show("nginx.service", "InvocationID")["InvocationID"]
+    sandbox.systemctl("start", "--no-block", "nginx.service")
+    nginx = earlier
+    while nginx == earlier:  # the job runs at once (no ExecStartPre=); its invocation is new
+        nginx = sandbox.show("nginx.service", "InvocationID")["InvocationID"]
+    (first, *_) = sandbox.wait_journal(f"_SYSTEMD_INVOCATION_ID={nginx}", "--grep", "bind")
+    sandbox.systemctl("restart", UNIT)
+    after = scene.invocation()
+    conflict = scene.wait_event(after, "PORTWATCH_EVENT=port_conflict", f"PORTWATCH_BLOCKED_PID={first['_PID']}")
+    assert conflict["PORTWATCH_PID"] == str(scene.squatters["web"].pid)
+    scene.scanned(after)
+    said = [e for invocation in (before, after) for e in scene.events(
+        invocation, "PORTWATCH_EVENT=port_conflict", f"PORTWATCH_BLOCKED_PID={first['_PID']}")]
+    assert len(said) == 1
+
+
 def test_a_cursor_of_another_journal_is_dropped_and_following_goes_on(scene: Scene) -> None:
     """A state file copied from another host: its cursor means nothing here. Following starts
     from now, silently, and the next failure is reported."""

@@ -6,6 +6,7 @@ port itself the way a server does: portwatch's answer must be the kernel's.
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ from collections.abc import Iterator
 import pytest
 
 from portwatch.cli import main
-from portwatch.why import overlap
+from portwatch.model import Listener, Process, Proto, Socket
+from portwatch.why import Blocker, explain, overlap
 from tests.conftest import free_port
 
 
@@ -32,7 +34,20 @@ from tests.conftest import free_port
     ("::1", None, "::", True, True),
 ])
 def test_overlap(held: str, held_v6only: bool | None, wanted: str, wanted_v6only: bool, blocks: bool) -> None:
-    assert (overlap(held, held_v6only, wanted, wanted_v6only) is not None) is blocks
+    assert (overlap(held, held_v6only, wanted, wanted_v6only=wanted_v6only) is not None) is blocks
+
+
+def test_what_bind_errors_mean() -> None:
+    """EACCES says only that this user may not bind the port: the listeners decide then."""
+    holder = Listener(Socket(Proto.TCP, 4, "0.0.0.0", 80, 9, 0), (Process(9, "nginx", None, (), 0, "root", None),))
+    blocked = [Blocker(holder, "it listens on every IPv4 address")]
+    assert explain(Proto.TCP, "127.0.0.1", 80, [], bind_failed=OSError(errno.EACCES, 'Permission denied'), uid=1000, since={})[0] is True
+    can, text = explain(Proto.TCP, "127.0.0.1", 80, blocked, bind_failed=OSError(errno.EACCES, 'Permission denied'), uid=1000, since={9: "x"})
+    assert not can and "nginx[9] (user root) listens on *:80 since x" in text and "uid 1000" in text
+    can, text = explain(Proto.TCP, "192.0.2.1", 80, [], bind_failed=OSError(errno.EADDRNOTAVAIL, 'Cannot assign requested address'), uid=0, since={})
+    assert not can and "no interface of this host has the address 192.0.2.1" in text
+    can, text = explain(Proto.TCP, "127.0.0.1", 80, [], bind_failed=OSError(errno.EADDRINUSE, 'Address already in use'), uid=0, since={})
+    assert not can and "no listener portwatch can see overlaps it" in text
 
 
 def kernel_allows(address: str, port: int, proto: int = socket.SOCK_STREAM) -> bool:
@@ -90,7 +105,7 @@ def test_why_agrees_with_bind(capsys: pytest.CaptureFixture[str], held: list[soc
     blockers = answer["blockers"]
     assert isinstance(blockers, list)
     if blocked:
-        assert answer["bind_error"] == f"bind(): address already in use (port {port})"
+        assert answer["bind_error"] == "Address already in use"
         assert [b["port"] for b in blockers] == [port] and blockers[0]["processes"][0]["pid"] > 0
         assert "cannot be bound now" in str(answer["explanation"])
     else:
