@@ -25,6 +25,7 @@ from tests.conftest import (
     run_cli,
     wait_exited,
 )
+from tests.systemd_sandbox import make_cgroups, remove_cgroups
 
 RECORDER = PROGRAMS / "record_event.py"
 HOSTILE = b'x\n{"event":1}\x1b'  # 15 bytes: a newline, a fake JSON event, an escape
@@ -116,6 +117,7 @@ def test_reserved_port_taken_runs_hook(
     assert d.count("reserved_port_taken") == 1
 
 
+@pytest.mark.root
 def test_allowed_owners_raise_nothing(
     tmp_path: Path,
     daemons: Callable[..., DaemonProcess],
@@ -123,7 +125,7 @@ def test_allowed_owners_raise_nothing(
 ) -> None:
     """Owners allowed by comm, exe, user or unit are not violations; a wrong one in the same run is."""
     ports = [free_port() for _ in range(5)]
-    cgroup = Path(f"/sys/fs/cgroup/systemd/portwatch-test-{os.getpid()}.service")
+    unit = f"portwatch-test-{os.getpid()}.service"
     rules = "".join(
         f"  - name: r{i}\n    ports: [{port}]\n    allow:\n{allow}"
         for i, (port, allow) in enumerate(
@@ -133,7 +135,7 @@ def test_allowed_owners_raise_nothing(
                     "      - comm: good-*\n",
                     f"      - exe: {os.path.realpath(sys.executable)}\n        comm: exe-ok\n",
                     "      - user: root\n",
-                    f"      - unit: {cgroup.name}\n",
+                    f"      - unit: {unit}\n",
                     "      - comm: good-*\n        user: nobody\n",  # AND: right name, wrong user
                 ],
                 strict=True,
@@ -147,10 +149,13 @@ def test_allowed_owners_raise_nothing(
     by_comm = holders([{**sock, "port": ports[0]}], name=b"good-server")
     by_exe = holders([{**sock, "port": ports[1]}], name=b"exe-ok")
     by_user = holders([{**sock, "port": ports[2]}], name=b"anything")
-    cgroup.mkdir(exist_ok=True)
+    # A cgroup named like a unit in every hierarchy portwatch reads units from (name=systemd
+    # and/or cgroup2, whichever this machine has), joined before the socket opens, as a
+    # service's process would be.
+    cgroups: list[Path] = []
+    procs = make_cgroups(unit, cgroups)
     try:
-        # Join the cgroup before opening the socket, as a service's process would be.
-        join = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$@"', "sh"]
+        join = ["sh", "-c", "".join(f"echo $$ > {p} && " for p in procs) + 'exec "$@"', "sh"]
         by_unit = holders([{**sock, "port": ports[3]}], name=b"in-unit", prefix=join)
         wrong_user = holders([{**sock, "port": ports[4]}], name=b"good-but-root")
         taken = d.wait_event("reserved_port_taken", port=ports[4])
@@ -158,12 +163,12 @@ def test_allowed_owners_raise_nothing(
         for holder in (by_comm, by_exe, by_user, by_unit):
             d.wait_event("listener_opened", port=holder.port, pid=holder.pid)
         opened_in_unit = d.wait_event("listener_opened", port=ports[3])
-        assert opened_in_unit["unit"] == cgroup.name
+        assert opened_in_unit["unit"] == unit
         time.sleep(0.5)
         assert d.count("reserved_port_taken") == 1
     finally:
         by_unit.stop()
-        cgroup.rmdir()
+        assert remove_cgroups(cgroups) == []
 
 
 def test_violation_present_at_startup(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -383,7 +384,10 @@ def test_broken_stdout_does_not_stop_the_watch(
         with os.fdopen(rfd, "rb") as reader:
             assert b"portwatch_started" in reader.readline() + reader.readline()
         first = holders([TCP])  # an event to write into the broken pipe
-        time.sleep(0.5)
+        assert daemon.stderr is not None
+        assert select.select([daemon.stderr], [], [], 10)[0], "nothing said of the broken stdout"
+        said = daemon.stderr.readline()  # it says so once, and goes on watching
+        assert b"cannot write events" in said, said
         squatter = holders([{**TCP, "port": port}], name=b"later")
         records = hook_records(out, timeout=5.0) if daemon.poll() is None else []
         assert daemon.poll() is None, (

@@ -404,6 +404,21 @@ def test_an_entry_too_big_for_a_datagram_arrives_through_a_memfd(running: Instal
         running.stop_intruder(intruder)
 
 
+def test_the_state_file_knows_which_boot_it_is_from(running: Installed) -> None:
+    """Under the shipped unit the daemon reads the boot id (ProcSubset=pid hid it, so a state file
+    from before a reboot looked like this boot's) and follows the journal (no degraded event)."""
+    invocation = running.state()["InvocationID"]
+    assert running.events("portwatch_started", invocation)
+    state = running.sandbox.path(f"{STATE_DIR}/state.json")
+    deadline = time.monotonic() + 10
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()  # one kernel, one boot
+    assert json.loads(state.read_text())["boot_id"] == boot
+    assert running.sandbox.journal("-u", UNIT, "PORTWATCH_EVENT=degraded",
+                                   f"_SYSTEMD_INVOCATION_ID={invocation}") == []
+
+
 def test_procfs_fallback_works_in_the_shipped_unit(running: Installed) -> None:
     # The daemon reads its own /proc/self/net (what a ProcSubset=pid drop-in would leave).
     running.drop_in(extra_args="--source proc")

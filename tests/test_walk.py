@@ -26,7 +26,7 @@ from portwatch.proc import ProcFS
 from portwatch.procfs import ProcParseError
 from portwatch.scan import SocketLister, Source, full_scan
 from portwatch.walk import MIN_PIDS_PER_HELPER, Walk, walk_holders
-from tests.conftest import PROGRAMS, ROOT, Holder
+from tests.conftest import PROGRAMS, ROOT, Holder, free_port
 
 TCP4 = {"proto": "tcp", "family": 4, "address": "127.0.0.1"}
 
@@ -171,7 +171,7 @@ print(status, len(left))
         ("devnull", ["list"], 0),
         ("devnull", ["list", "--bogus"], 2),
         ("devnull", ["list", "--help"], 0),
-        ("devnull", ["who", "1"], 1),
+        ("devnull", ["who", str(free_port())], 1),
     ],
 )
 def test_the_command_leaves_no_helper_behind(crowd: None, mode: str, args: list[str], status: int) -> None:
