@@ -48,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,12 +229,13 @@ def one_shot(tree: Tree, pairs: int) -> dict[str, Any]:
 class Daemon:
     """`portwatch run --log-format json` with a reader thread stamping each line on arrival."""
 
-    def __init__(self, tree: Tree, workdir: Path, *, proc_events: bool, interval: float = INTERVAL) -> None:
+    def __init__(self, tree: Tree, workdir: Path, *, proc_events: bool, interval: float = INTERVAL,
+                 extra_config: str = "", prefix: Sequence[str] = ()) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         config = workdir / "portwatch.yaml"
-        config.write_text(f"interval: {interval}\nlog_listeners: true\nprotocols: [tcp, udp]\n")
-        argv = tree.argv("run", "--config", str(config), "--log-format", "json",
-                         "--state-dir", str(workdir / "state"))
+        config.write_text(f"interval: {interval}\nlog_listeners: true\nprotocols: [tcp, udp]\n{extra_config}")
+        argv = [*prefix, *tree.argv("run", "--config", str(config), "--log-format", "json",
+                                    "--state-dir", str(workdir / "state"))]
         if not proc_events:
             argv.append("--no-proc-events")
         # Not in the checkout: `python -m` puts the working directory first on sys.path.

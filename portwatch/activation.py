@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from portwatch.model import Listener, Proto, Snapshot, Socket, is_manager
+from portwatch.model import Listener, Proto, Snapshot, Socket, is_manager, on_host
 from portwatch.procfs import format_ipv4, format_ipv6
 
 
@@ -94,7 +94,8 @@ class UnitCache:
         self.problem: str | None = None
 
     def apply(self, snap: Snapshot) -> Snapshot:
-        held = [x for x in snap.listeners.values() if any(map(is_manager, x.processes))]
+        # systemd's socket units are the host's: a container's own systemd holds its own.
+        held = [x for x in snap.listeners.values() if on_host(x) and any(map(is_manager, x.processes))]
         # Sockets that closed are forgotten, so a reused inode number is asked about afresh.
         known = {x.socket.inode: self._known.get(x.socket.inode) for x in held}
         if any(x.socket.inode not in self._known for x in held):

@@ -10,22 +10,24 @@ table it has not seen.
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import IntEnum
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from portwatch import __version__
 from portwatch.access import advice
 from portwatch.activation import Unavailable, UnitCache, match
-from portwatch.model import Proto, is_manager
+from portwatch.model import NetNs, Proto, is_manager
 from portwatch.proc import ProcFS
 from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import ProcParseError
 from portwatch.render import (
     LISTENER_HEADERS,
+    LISTENER_HEADERS_NETNS,
     PROCESS_HEADERS,
     ProcessPorts,
     listener_json,
@@ -34,10 +36,14 @@ from portwatch.render import (
     process_rows,
     table,
 )
-from portwatch.scan import SocketLister, Source, full_scan, socket_units
+from portwatch.scan import SocketLister, Source, full_scan, own_netns, socket_units
 from portwatch.sockdiag import SockDiagUnavailable
 from portwatch.sockdiag import v6only_flags as sockdiag_v6only
+from portwatch.text import escape
 from portwatch.walk import Walk
+
+if TYPE_CHECKING:
+    from portwatch.namespaces import Namespaces
 
 
 class ExitStatus(IntEnum):
@@ -129,9 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
+    def netns_options(p: argparse.ArgumentParser) -> None:
+        where = p.add_mutually_exclusive_group()
+        where.add_argument(
+            "--all-netns", action="store_true",
+            help="every network namespace (containers, `ip netns`), with a NETNS column; "
+            "by default only portwatch's own, as ss shows",
+        )
+        where.add_argument(
+            "--netns", metavar="NAME|ID",
+            help="one network namespace: its `ip netns` or container name, container id, or inode",
+        )
+
     p_list = view(
         "list", "every listening socket with every process holding it", "portwatch list --udp -6"
     )
+    netns_options(p_list)
     proto = p_list.add_mutually_exclusive_group()
     proto.add_argument("--tcp", action="store_true", help="TCP listeners only")
     proto.add_argument("--udp", action="store_true", help="UDP sockets only")
@@ -144,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_who.add_argument("port", type=_port, metavar="PORT", help="a port number, 1-65535")
     p_who.add_argument("--udp", action="store_true", help="UDP instead of TCP")
+    netns_options(p_who)
 
-    view("ps", "every process with the ports it listens on", "portwatch ps --json")
+    netns_options(view("ps", "every process with the ports it listens on", "portwatch ps --json"))
 
     p_why = view(
         "why", "can a new server bind ADDR:PORT now, and if not, what stops it (exit status 1 when "
@@ -297,22 +317,61 @@ def _selection(args: argparse.Namespace) -> tuple[tuple[Proto, ...], tuple[int, 
     return protocols, families
 
 
+def _namespaces(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> Namespaces | None:
+    """Every network namespace, when the view asks for more than its own."""
+    if not (args.all_netns or args.netns):
+        return None
+    from portwatch.namespaces import Namespaces  # noqa: PLC0415 (only these views need it)
+
+    host = own_netns(procfs)
+    if host is None:
+        raise OSError(errno.ENOENT, "No such file or directory", f"{procfs.root}/self/ns/net")
+    return Namespaces(procfs, lister.list, host)
+
+
+def _in_netns(args: argparse.Namespace, spaces: Namespaces | None) -> Callable[[NetNs | None], bool] | None:
+    """The `--netns` filter; None when every listed namespace is shown."""
+    if spaces is None or not args.netns:
+        return None
+    from portwatch.netns import selects  # noqa: PLC0415
+
+    return lambda netns: selects(netns, args.netns)
+
+
+def _warn_namespaces(spaces: Namespaces | None, unread: Sequence[str]) -> None:
+    for name in unread:
+        sys.stderr.write(
+            f"portwatch: network namespace {escape(name)} not read: no process is inside it, and "
+            f"entering it was refused ({spaces.enter_problem if spaces else 'setns'}); a socket "
+            "held in it from outside is not shown\n"
+        )
+
+
 def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, walk: Walk | None) -> int:
     protocols, families = _selection(args)
-    snap, unread = full_scan(procfs, lister, protocols, families, walk=walk)
-    if args.command == "who":
-        asked = {i: x for i, x in snap.listeners.items() if x.socket.port == args.port}
+    spaces = _namespaces(args, procfs, lister)
+    snap, unread = full_scan(procfs, lister, protocols, families, walk=walk, namespaces=spaces)
+    wanted = _in_netns(args, spaces)
+    if spaces is not None and wanted is not None and not any(map(wanted, [spaces.host, *spaces.others])):
+        sys.stderr.write(f"portwatch: no network namespace {escape(args.netns)!r}\n")
+        return ExitStatus.NOT_FOUND
+    if args.command == "who" or wanted is not None:
+        asked = {i: x for i, x in snap.listeners.items()
+                 if (args.command != "who" or x.socket.port == args.port)
+                 and (wanted is None or wanted(x.netns))}
         snap = snap._replace(listeners=asked)
     units = UnitCache(socket_units)
     listeners = units.apply(snap).sorted()
     _warn_fallback(lister)
     _warn_unattributed(units.problem)
     _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
+    _warn_namespaces(spaces, spaces.unread if spaces is not None else ())
     if args.json:
         _print_json([listener_json(x) for x in listeners])
     elif listeners or args.command == "list":
         users = {x.socket.uid: procfs.user_name(x.socket.uid) for x in listeners}
-        _print_table(LISTENER_HEADERS, listener_rows(listeners, users))
+        headers = LISTENER_HEADERS_NETNS if spaces is not None else LISTENER_HEADERS
+        _print_table(headers, listener_rows(listeners, users, netns=spaces is not None))
     if unread:
         return _incomplete(unread)
     if args.command == "who" and not listeners:
@@ -325,7 +384,6 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
 def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     """Whether ADDR:PORT can be bound now: the overlapping listeners, then a real bind()."""
     from portwatch import bindcheck, why  # noqa: PLC0415 (only this command needs them)
-    from portwatch.text import escape  # noqa: PLC0415
 
     proto = Proto.UDP if args.udp else Proto.TCP
     snap, unread = full_scan(procfs, lister, (proto,), (4, 6))
@@ -363,7 +421,18 @@ def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
 
 
 def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
-    table_read = lister.list((Proto.TCP, Proto.UDP), (4, 6))
+    spaces = _namespaces(args, procfs, lister)
+    netns_of: dict[int, NetNs] = {}
+    if spaces is not None:
+        spaces.look_all()
+        listing = spaces.listing((Proto.TCP, Proto.UDP), (4, 6))
+        table_read, netns_of = listing.table, listing.netns_of
+        wanted = _in_netns(args, spaces)
+        if wanted is not None:
+            keep = {s.inode for s in table_read.sockets if wanted(netns_of.get(s.inode, spaces.host))}
+            table_read.sockets = [s for s in table_read.sockets if s.inode in keep]
+    else:
+        table_read = lister.list((Proto.TCP, Proto.UDP), (4, 6))
     by_inode = {s.inode: s for s in table_read.sockets if s.inode}
     entries: list[ProcessPorts] = []
     denied = 0
@@ -387,10 +456,12 @@ def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     _warn_fallback(lister)
     _warn_unattributed(problem)
     _warn_unseen(procfs, denied, True)
+    _warn_namespaces(spaces, spaces.unread if spaces is not None else ())
     if args.json:
-        _print_json([process_ports_json(e) for e in entries])
+        host = spaces.host if spaces is not None else own_netns(procfs)
+        _print_json([process_ports_json(e, netns_of, host) for e in entries])
     else:
-        _print_table(PROCESS_HEADERS, process_rows(entries))
+        _print_table(PROCESS_HEADERS, process_rows(entries, netns_of))
     return _incomplete(table_read.errors) if table_read.errors else ExitStatus.OK
 
 
@@ -436,7 +507,7 @@ def _warn_unseen(procfs: ProcFS, denied: int, matters: bool) -> None:
 def _incomplete(unread: list[str]) -> int:
     """Name each socket table that could not be read: the answer above lacks its sockets."""
     for error in unread:
-        sys.stderr.write(f"portwatch: cannot read {error}; the answer above lacks its sockets\n")
+        sys.stderr.write(f"portwatch: cannot read {escape(error)}; the answer above lacks its sockets\n")
     return ExitStatus.DATA_ERROR
 
 

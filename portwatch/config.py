@@ -16,7 +16,7 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from portwatch.model import Proto
+from portwatch.model import NetNs, Proto
 from portwatch.policy import PORT_MAX, PORT_MIN, Allow, PortRange, Rule
 from portwatch.text import escape
 from portwatch.yamlread import NULL, NodeReader, describe, join_path, line_of, quote, suggest
@@ -73,11 +73,13 @@ class Config:
     state_dir: str | None = None
     follow_journal: bool = True
     conflict_hooks: tuple[str, ...] = ()
+    netns: str = "all"  # every network namespace, or "host": portwatch's own only
 
-    def rule_for(self, proto: Proto, port: int) -> Rule | None:
-        """The rule reserving `port`/`proto`; validation makes it unique."""
+    def rule_for(self, proto: Proto, port: int, netns: NetNs | None = None) -> Rule | None:
+        """The rule reserving `port`/`proto` in `netns` (None: the host's); validation makes it
+        unique."""
         for rule in self.reserved:
-            if rule.covers(proto, port):
+            if rule.covers(proto, port) and rule.applies_in(netns):
                 return rule
         return None
 
@@ -190,6 +192,13 @@ class _Validator(NodeReader):
 
         return frozenset(found) if self.each(items, "protocols", once) is not None else None
 
+    def netns_scope(self, node: Node) -> str | None:
+        value = self.string(node, "netns", "all or host")
+        if value is not None and value not in ("all", "host"):
+            self.problem(node, "netns", f"unknown value {quote(value)}; expected all or host")
+            return None
+        return value
+
     def max_parallel(self, node: Node) -> int | None:
         value = self.scalar(node, "max_parallel_hooks")
         if isinstance(value, bool) or not isinstance(value, int):
@@ -297,7 +306,8 @@ class _Validator(NodeReader):
         if not isinstance(node, MappingNode):
             self.wrong_type(node, self.scalar(node, where), where, "a mapping (a rule)")
             return None
-        keys = self.mapping(node, where, ("name", "ports", "proto", "allow", "hooks"), ("name", "ports"))
+        fields = ("name", "ports", "proto", "allow", "hooks", "netns")
+        keys = self.mapping(node, where, fields, ("name", "ports"))
         name = self.name(keys["name"], f"{where}.name", "rule") if "name" in keys else None
         if name is not None and name in names:
             first = f"duplicate rule name {name!r} (first at line {names[name]})"
@@ -315,9 +325,11 @@ class _Validator(NodeReader):
             spans[proto].extend(ports)
         allow = self.allow(keys["allow"], f"{where}.allow") if "allow" in keys else ()
         hooks = self.rule_hooks(keys["hooks"], f"{where}.hooks") if "hooks" in keys else ()
+        netns = self.string(keys["netns"], f"{where}.netns", 'a glob over namespace names, "*" for all') \
+            if "netns" in keys else None
         if name is None or ports is None or proto is None or allow is None or hooks is None:
             return None
-        return Rule(name, tuple(s.range for s in ports), proto, allow, hooks)
+        return Rule(name, tuple(s.range for s in ports), proto, allow, hooks, netns)
 
     def ports(self, node: Node, where: str, rule: int, name: str | None) -> list[_PortSpan] | None:
         items = self.sequence(node, where, 'a list of ports, e.g. [5432, "6000-6010"]')
@@ -474,5 +486,6 @@ TOP_LEVEL: dict[str, Callable[[_Validator, Node, dict[str, Any]], Any]] = {
     "state_dir": lambda v, node, _: v.state_dir(node),
     "follow_journal": lambda v, node, _: v.boolean(node, "follow_journal"),
     "conflict_hooks": lambda v, node, _: v.rule_hooks(node, "conflict_hooks"),
+    "netns": lambda v, node, _: v.netns_scope(node),
 }
 _AFTER_HOOKS = ("reserved", "conflict_hooks")

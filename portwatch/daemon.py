@@ -64,8 +64,12 @@ class Scans(Protocol):
              on_progress: Callable[[], None] | None = None) -> ScanResult: ...
     def scan_early(self, previous: Snapshot | None, protocols: Iterable[Proto], *, hints: Iterable[int],
                    on_progress: Callable[[], None] | None = None) -> ScanResult: ...
+    @property
+    def netns_problem(self) -> str | None: ...
+
     def forget_processes(self, pids: Iterable[int]) -> None: ...
     def capabilities(self) -> int | None: ...
+    def watch_namespaces(self, wanted: bool) -> None: ...
     def close(self) -> None: ...
 
 
@@ -230,10 +234,11 @@ class Daemon:
                 stale = self._baseline(scan.snapshot, self._saved)
                 self._saved = None
             else:
-                stale = self.report.changes(previous, scan.snapshot)
+                stale = self.report.changes(previous, scan.snapshot, closed_netns=scan.closed_netns)
             self.saves.dirty |= stale
             self.report.denied(scan.snapshot, self.scanner.capabilities)
             self.report.unattributed(scan.socket_units_problem)
+            self.report.unread_netns(scan.unread_netns, self.scanner.netns_problem)
         self._update_status()
 
     def _listening(self) -> Iterable[Listener]:
@@ -299,6 +304,7 @@ class Daemon:
             self.hooks.configure(max_parallel=new.max_parallel_hooks, cooldown=new.hook_cooldown)
             self.emit("config_reloaded", {"path": path, "reserved_rules": len(new.reserved)})
             self.conflict_watch.want(new.follow_journal, self.clock())
+            self.scanner.watch_namespaces(new.netns == "all")
             self.saves.dirty |= self.report.reconfigured(new, self._listening())
             self._update_status()
         self.notifier.ready(self._status_text())
@@ -400,7 +406,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     store = StateStore(state_dir(args.state_dir, config.state_dir, os.environ))
     proc_events, why_not = open_proc_events(not args.no_proc_events)
     position = store.load_journal()
-    daemon = Daemon(config, log, scanner=Scanner(ProcFS(), Source(args.source)), proc_events=proc_events,
+    scanner = Scanner(ProcFS(), Source(args.source), all_netns=config.netns == "all")
+    daemon = Daemon(config, log, scanner=scanner, proc_events=proc_events,
                     proc_events_reason=why_not, state=store, journal=open_journal(config, position),
                     journal_position=position)
     try:

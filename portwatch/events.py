@@ -32,6 +32,7 @@ def level_of(event: str) -> str:
 
 def _owner_fields(listener: Listener, first: Process | None) -> dict[str, Any]:
     s = listener.socket
+    netns, container = listener.netns, listener.netns.container if listener.netns else None
     return {
         "proto": s.proto.value,
         "address": s.address,
@@ -48,6 +49,10 @@ def _owner_fields(listener: Listener, first: Process | None) -> dict[str, Any]:
         "unresolved": listener.unresolved.value if listener.unresolved else None,
         "socket_unit": listener.socket_unit,
         "service_unit": listener.service_unit,
+        # The namespace's name (`host`, an `ip netns` name, a container's, or `netns:[<inode>]`).
+        "netns": netns.name if netns is not None else None,
+        "netns_id": netns.id if netns is not None else None,
+        "container": f"{container.engine}:{container.id}" if container is not None else None,
     }
 
 
@@ -119,7 +124,7 @@ _MESSAGES = {
     "reserved_port_taken": "reserved port {where} (rule {rule}) taken by {offenders}",
     "port_conflict": "{blocked} could not bind {wanted}: {holder}",
     "listener_opened": "new listener {where} held by {who}",
-    "listener_closed": "listener {where} closed (was held by {who})",
+    "listener_closed": "listener {where} closed (was held by {who}){gone}",
     "owner_changed": "listener {where} now held by {who} (was pids {previous})",
     "hook_finished": "{hook_for} finished with exit code {exit_code} in {duration} s",
     "hook_failed": "{hook_for} failed: {reason}",
@@ -158,6 +163,8 @@ def describe(event: str, fields: dict[str, Any]) -> str:
     address = endpoint(str(fields.get("address")), port if isinstance(port, int) else 0)
     values = _Fields(fields)
     where = f"{fields.get('proto')}/{address}"
+    if fields.get("netns") not in (None, "host"):
+        where += f" in netns {fields['netns']}"
     if fields.get("socket_unit"):
         where += f" ({fields['socket_unit']} → {fields.get('service_unit') or '?'})"
     values.update(
@@ -165,6 +172,7 @@ def describe(event: str, fields: dict[str, Any]) -> str:
         who=_who(fields), offenders=_offenders(fields), previous=_pids(fields.get("previous_pids")),
         hook_for=f"hook {fields.get('hook')} for rule {fields.get('rule')} port {port}",
         failed="partly failed" if fields.get("partial") else "failed",
+        gone=": its network namespace is gone" if fields.get("reason") == "netns_gone" else "",
     )
     if event == "port_conflict":
         values.update(_conflict_parts(fields, port))

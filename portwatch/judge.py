@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from portwatch.events import violation_event
-from portwatch.model import Listener, Proto
+from portwatch.model import Listener, NetNs, Proto
 from portwatch.policy import Rule, evaluate
 from portwatch.snapshot import owner_identity
 
-RuleFor = Callable[[Proto, int], Rule | None]
+RuleFor = Callable[[Proto, int, NetNs | None], Rule | None]
 
 
 class Verdict(NamedTuple):
@@ -43,7 +43,7 @@ class Judge:
         verdicts = []
         for listener in listeners:
             sock = listener.socket
-            rule = rule_for(sock.proto, sock.port)
+            rule = rule_for(sock.proto, sock.port, listener.netns)
             violation = evaluate(rule, listener) if rule is not None else None
             if rule is None or violation is None:
                 self._taken.pop(sock.inode, None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 from typing import Any
 
 _PR_CAP_AMBIENT = 47
@@ -25,6 +27,9 @@ def _function(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Any:
 _PRCTL = _function("prctl", ctypes.c_int, *[ctypes.c_ulong] * 4)
 _FALLOCATE = _function("fallocate64", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _MALLOC_TRIM = _function("malloc_trim", ctypes.c_size_t)  # glibc only
+_SETNS = _function("setns", ctypes.c_int, ctypes.c_int)
+
+CLONE_NEWNET = 0x40000000
 
 
 def drop_ambient_capabilities() -> None:
@@ -56,3 +61,16 @@ def release_free_heap() -> None:
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
+
+
+def setns(fd: int, nstype: int) -> None:
+    """Move the calling thread into the namespace `fd` refers to (os.setns is Python 3.12+).
+
+    Raises OSError: EPERM without CAP_SYS_ADMIN (or under a seccomp filter
+    such as systemd's RestrictNamespaces=), ENOSYS where libc has no setns.
+    """
+    if _SETNS is None:
+        raise OSError(errno.ENOSYS, "setns is not available")
+    if _SETNS(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

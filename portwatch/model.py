@@ -70,11 +70,35 @@ class Process(NamedTuple):
     unit: str | None  # systemd unit from /proc/<pid>/cgroup
 
 
+class Container(NamedTuple):
+    """The container a network namespace belongs to, from its processes' cgroup path."""
+
+    engine: str  # docker, podman, containerd, crio, nspawn, lxc
+    id: str  # the engine's id (a machine's or an lxc container's name for those two)
+    name: str | None = None  # from the engine's own state, when that was cheap to read
+
+
+class NetNs(NamedTuple):
+    """A network namespace, identified by the inode of /proc/<pid>/ns/net.
+
+    `name`: "host" for portwatch's own namespace, the `ip netns` name bound
+    to it, the container's name (or `engine:id12`), else `netns:[<inode>]`.
+    """
+
+    id: int
+    name: str
+    host: bool = False
+    container: Container | None = None
+
+
 class Listener(NamedTuple):
     """A listening socket with every process that holds it (sorted by pid).
 
     A socket the service manager bound for a `.socket` unit names that unit
-    and the service it starts (`name@.service` for `Accept=yes`).
+    and the service it starts (`name@.service` for `Accept=yes`). `netns`
+    is the network namespace the socket lives in; None when that was not
+    known (/proc/self/ns/net unreadable, a state file from an older version):
+    taken as portwatch's own.
     """
 
     socket: Socket
@@ -82,6 +106,7 @@ class Listener(NamedTuple):
     unresolved: Unresolved | None = None  # set exactly when processes is empty
     socket_unit: str | None = None
     service_unit: str | None = None
+    netns: NetNs | None = None
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -127,3 +152,8 @@ def endpoint(address: str, port: int) -> str:
 def listener_sort_key(listener: Listener) -> tuple[str, int, int, str, int]:
     s = listener.socket
     return (s.proto.value, s.port, s.family, s.address, s.inode)
+
+
+def on_host(listener: Listener) -> bool:
+    """The listener is in portwatch's own network namespace (or its namespace is not known)."""
+    return listener.netns is None or listener.netns.host

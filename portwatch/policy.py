@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from portwatch.model import MANAGER_UNIT, Listener, Process, Proto, is_manager
+from portwatch.model import MANAGER_UNIT, Listener, NetNs, Process, Proto, is_manager
 
 PORT_MIN = 1
 PORT_MAX = 65535
@@ -104,9 +104,18 @@ class Rule:
     proto: Proto = Proto.TCP
     allow: tuple[Allow, ...] = ()  # empty: nobody may hold these ports
     hooks: tuple[str, ...] = ()  # names of hooks to run on a violation
+    # A glob over network namespace names ("*": all, the host's being "host"); None: the host's
+    # only, as a port inside a container does not collide with the host's.
+    netns: str | None = None
 
     def covers(self, proto: Proto, port: int) -> bool:
         return proto == self.proto and any(port in r for r in self.ports)
+
+    def applies_in(self, netns: NetNs | None) -> bool:
+        """The rule holds in `netns` (None: the host's)."""
+        if self.netns is None:
+            return netns is None or netns.host
+        return fnmatchcase("host" if netns is None or netns.host else netns.name, self.netns)
 
     def allows(self, process: Process, listener: Listener | None = None) -> bool:
         return any(entry.matches(process, listener) for entry in self.allow)
@@ -135,7 +144,7 @@ def evaluate(rule: Rule, listener: Listener) -> Violation | None:
     reserved port held by an owner we cannot see is still worth reporting.
     """
     sock = listener.socket
-    if not rule.covers(sock.proto, sock.port):
+    if not rule.covers(sock.proto, sock.port) or not rule.applies_in(listener.netns):
         return None
     if not listener.processes:
         return Violation(rule=rule, listener=listener, offenders=(), verified=False)

@@ -19,6 +19,7 @@ from portwatch.model import Process, Proto, Socket
 from portwatch.procfd import (
     DEFAULT_ROOT,
     ProcessFiles,
+    ProcessGone,
     list_pids,
     open_fd_dir,
     process_files,
@@ -32,6 +33,7 @@ from portwatch.procfs import (
     parse_comm,
     parse_last_pid,
     parse_net_table,
+    parse_sockstat_inuse,
     parse_status_capabilities,
     parse_status_uid,
 )
@@ -69,14 +71,18 @@ class ProcFS:
     # -- socket tables -------------------------------------------------------
 
     def read_sockets(
-        self, protocols: Iterable[Proto] = (Proto.TCP, Proto.UDP), families: Iterable[int] = (4, 6)
+        self, protocols: Iterable[Proto] = (Proto.TCP, Proto.UDP), families: Iterable[int] = (4, 6),
+        *, pid: int | None = None,
     ) -> TableRead:
         """Listening sockets from /proc/self/net/{tcp,tcp6,udp,udp6}.
 
         `self/net` rather than `net`: under systemd's ProcSubset=pid the
         /proc/net link is hidden but /proc/self/net is not, and both show the
-        reader's own network namespace. A missing tcp6/udp6 means IPv6 is
-        disabled and is not an error. Parse errors propagate (ProcParseError).
+        reader's own network namespace. `pid`: read /proc/<pid>/net instead,
+        the tables of that process's network namespace (no setns needed). A
+        missing tcp6/udp6 means IPv6 is disabled and is not an error; a
+        `pid` that has exited raises ProcessGone. Parse errors propagate
+        (ProcParseError).
         """
         result = TableRead()
         seen: set[int] = set()
@@ -86,11 +92,13 @@ class ProcFS:
                 if family not in fams:
                     continue
                 name = proto.value + ("6" if family == 6 else "")
-                path = f"{self.root}/self/net/{name}"
+                path = f"{self.root}/{pid or 'self'}/net/{name}"
                 try:
                     with open(path, "rb") as f:
                         text = f.read().decode("ascii", "replace")
                 except FileNotFoundError as exc:
+                    if pid is not None and not os.path.exists(f"{self.root}/{pid}/net"):
+                        raise ProcessGone(pid) from exc
                     if family == 6:
                         continue
                     result.complete = False
@@ -107,6 +115,22 @@ class ProcFS:
                         seen.add(sock.inode)
                         result.sockets.append(sock)
         return result
+
+    def sockets_in_use(self, pid: int) -> dict[str, int]:
+        """{"TCP": n, "UDP": n, "TCP6": n, "UDP6": n}: the sockets hashed in `pid`'s network
+        namespace (/proc/<pid>/net/sockstat{,6}); a listener opening or closing changes its
+        count. Raises ProcessGone; a table that cannot be read is left out."""
+        counts: dict[str, int] = {}
+        for name in ("sockstat", "sockstat6"):
+            try:
+                with open(f"{self.root}/{pid}/net/{name}", "rb") as f:
+                    counts.update(parse_sockstat_inuse(f.read().decode("ascii", "replace")))
+            except FileNotFoundError as exc:
+                if not os.path.exists(f"{self.root}/{pid}/net"):
+                    raise ProcessGone(pid) from exc
+            except OSError:
+                pass
+        return counts
 
     # -- processes -----------------------------------------------------------
 

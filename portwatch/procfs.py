@@ -135,6 +135,18 @@ def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
 
 
+def parse_sockstat_inuse(text: str) -> dict[str, int]:
+    """{"TCP": 3, "UDP": 1, ...} from /proc/net/sockstat or sockstat6: each protocol's `inuse`
+    (lines such as `TCP: inuse 3 orphan 0 tw 0 alloc 5 mem 1`; only `inuse` is per namespace)."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        proto, sep, rest = line.partition(":")
+        words = rest.split()
+        if sep and len(words) >= 2 and words[0] == "inuse" and words[1].isdigit():
+            counts[proto] = int(words[1])
+    return counts
+
+
 def parse_last_pid(text: str) -> int | None:
     """/proc/loadavg's fifth field: the pid most recently given out in this pid namespace.
 

@@ -7,10 +7,11 @@ exact strings.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from portwatch.model import Listener, Process, Socket, endpoint, is_manager
+from portwatch.model import Listener, NetNs, Process, Socket, endpoint, is_manager
+from portwatch.netns import forwards_to
 from portwatch.text import escape, is_plain
 
 
@@ -26,8 +27,22 @@ def process_json(proc: Process) -> dict[str, Any]:
     }
 
 
+def netns_json(netns: NetNs | None) -> dict[str, Any] | None:
+    if netns is None:
+        return None
+    container = netns.container
+    return {
+        "id": netns.id,
+        "name": netns.name,
+        "host": netns.host,
+        "container": None if container is None else
+        {"engine": container.engine, "id": container.id, "name": container.name},
+    }
+
+
 def listener_json(listener: Listener) -> dict[str, Any]:
     s = listener.socket
+    forwards = next((f for p in listener.processes if (f := forwards_to(p)) is not None), None)
     return {
         "proto": s.proto.value,
         "family": s.family,
@@ -39,6 +54,8 @@ def listener_json(listener: Listener) -> dict[str, Any]:
         "unresolved": listener.unresolved.value if listener.unresolved else None,
         "socket_unit": listener.socket_unit,
         "service_unit": listener.service_unit,
+        "netns": netns_json(listener.netns),
+        "forwards_to": forwards,
     }
 
 
@@ -46,12 +63,17 @@ def command_text(proc: Process) -> str:
     return " ".join(proc.cmdline) if proc.cmdline else f"[{proc.comm}]"
 
 
-def listener_rows(listeners: Iterable[Listener], users: dict[int, str | None]) -> list[list[str]]:
-    """One row per (socket, holder); a shared socket has a row for each holder."""
+def listener_rows(
+    listeners: Iterable[Listener], users: dict[int, str | None], *, netns: bool = False
+) -> list[list[str]]:
+    """One row per (socket, holder); a shared socket has a row for each holder. `netns`: the
+    rows start with the namespace's name (LISTENER_HEADERS_NETNS)."""
     rows = []
     for listener in listeners:
         s = listener.socket
         head = [s.proto.value, endpoint(s.address, s.port)]
+        if netns:
+            head.insert(0, listener.netns.name if listener.netns is not None else "?")
         if not listener.processes:
             owner = users.get(s.uid) or str(s.uid)
             reason = listener.unresolved.value if listener.unresolved else "unknown"
@@ -73,6 +95,7 @@ def unit_text(listener: Listener, proc: Process) -> str:
 
 
 LISTENER_HEADERS = ["PROTO", "LOCAL", "USER", "PID", "COMM", "UNIT", "COMMAND"]
+LISTENER_HEADERS_NETNS = ["NETNS", *LISTENER_HEADERS]
 
 
 class ProcessPorts:
@@ -88,22 +111,32 @@ class ProcessPorts:
         self.socket_units: dict[int, tuple[str, str | None]] = {}
 
 
-def process_ports_json(entry: ProcessPorts) -> dict[str, Any]:
+def process_ports_json(
+    entry: ProcessPorts, netns_of: Mapping[int, NetNs] | None = None, host: NetNs | None = None
+) -> dict[str, Any]:
+    """`netns_of`: the namespace of each socket outside `host`."""
+    netns_of = netns_of or {}
     out = process_json(entry.process)
     out["ports"] = []
     for s in entry.sockets:
         socket_unit, service_unit = entry.socket_units.get(s.inode, (None, None))
         out["ports"].append({"proto": s.proto.value, "address": s.address, "port": s.port, "inode": s.inode,
-                             "socket_unit": socket_unit, "service_unit": service_unit})
+                             "socket_unit": socket_unit, "service_unit": service_unit,
+                             "netns": netns_json(netns_of.get(s.inode, host))})
     out["fds_readable"] = entry.fds_readable
     return out
 
 
-def process_rows(entries: Iterable[ProcessPorts]) -> list[list[str]]:
+def process_rows(
+    entries: Iterable[ProcessPorts], netns_of: Mapping[int, NetNs] | None = None
+) -> list[list[str]]:
+    """`netns_of`: the namespace of each socket outside the host's, named before its port."""
+    netns_of = netns_of or {}
     rows = []
     for entry in entries:
         p = entry.process
-        ports = ",".join(_port_text(s, entry.socket_units.get(s.inode)) for s in entry.sockets)
+        ports = ",".join(_port_text(s, entry.socket_units.get(s.inode), netns_of.get(s.inode))
+                         for s in entry.sockets)
         if not entry.fds_readable:
             ports = "(permission_denied)"
         user = p.user or (str(p.uid) if p.uid is not None else "?")
@@ -111,8 +144,10 @@ def process_rows(entries: Iterable[ProcessPorts]) -> list[list[str]]:
     return rows
 
 
-def _port_text(s: Socket, units: tuple[str, str | None] | None) -> str:
+def _port_text(s: Socket, units: tuple[str, str | None] | None, netns: NetNs | None) -> str:
     text = f"{s.proto.value}/{endpoint(s.address, s.port)}"
+    if netns is not None:
+        text = f"{netns.name}:{text}"
     return f"{text}({units[0]})" if units is not None else text
 
 

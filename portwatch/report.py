@@ -19,7 +19,7 @@ from portwatch.conflicts import Conflicts, Episode, holders
 from portwatch.events import change_event, conflict_event
 from portwatch.hooks import HookRunner
 from portwatch.judge import Judge
-from portwatch.model import Listener, Proto, Snapshot
+from portwatch.model import Listener, Proto, Snapshot, on_host
 from portwatch.policy import evaluate
 from portwatch.snapshot import ChangeKind, diff
 
@@ -44,15 +44,16 @@ class Reporter:
 
     def changes(
         self, previous: Snapshot, snap: Snapshot, *, while_down: bool = False,
-        known: Mapping[int, list[int]] | None = None,
+        known: Mapping[int, list[int]] | None = None, closed_netns: Mapping[int, str] | None = None,
     ) -> bool:
         """Each change from `previous` to `snap`, then the squatters among the new owners (after
-        a restart, `while_down`: among every listener, `known` being those said before it)."""
+        a restart, `while_down`: among every listener, `known` being those said before it).
+        `closed_netns`: network namespaces whose listeners closed with them, and why."""
         changed: list[Listener] = []
         changes = diff(previous, snap)
         for change in changes:
             sock = change.listener.socket
-            rule = self.config.rule_for(sock.proto, sock.port)
+            rule = self.config.rule_for(sock.proto, sock.port, change.listener.netns)
             if change.kind is ChangeKind.CLOSED:
                 self.judge.closed(sock.inode)
                 self.seen.pop(sock.inode, None)
@@ -63,6 +64,9 @@ class Reporter:
                     self.seen[sock.inode] = self.wall()
             if self.config.log_listeners or rule is not None:
                 name, fields = change_event(change, rule.name if rule else None)
+                netns = change.listener.netns
+                if change.kind is ChangeKind.CLOSED and netns is not None and closed_netns:
+                    fields["reason"] = closed_netns.get(netns.id)
                 if while_down:
                     fields["while_down"] = True
                 self.emit(name, fields)
@@ -99,7 +103,7 @@ class Reporter:
             # A message rarely says TCP or UDP: TCP (live, then just closed) before UDP.
             for proto in (episode.proto,) if episode.proto else (Proto.TCP, Proto.UDP):
                 for candidates, gone in ((listening, False), (closed, True)):
-                    found = holders(candidates, port, episode.address, proto)
+                    found = holders([x for x in candidates if on_host(x)], port, episode.address, proto)
                     if found and holder is None:
                         holder, closed_since = found[0], gone
         unresolved = None
@@ -170,6 +174,21 @@ class Reporter:
                 "manager holds are attributed to it, not to their .socket units",
                 "missing": "systemd's D-Bus API: the system bus, or root for /run/systemd/private",
             })
+
+    def unread_netns(self, names: Iterable[str], problem: str | None) -> None:
+        """Once per namespace while it lasts: no process is left to read it through, and it
+        cannot be entered."""
+        names = set(names)
+        self._said = {k for k in self._said if not k.startswith("netns ") or k[6:] in names}
+        for name in sorted(names):
+            if self._first(f"netns {name}"):
+                self.emit("degraded", {
+                    "reason": f"network namespace {name} has no process inside and cannot be entered "
+                    f"({problem or 'setns refused'}): the listeners it had are kept while their "
+                    "holders hold them, and a new one held in it from outside is not seen",
+                    "missing": "CAP_SYS_ADMIN to enter it (setns; the shipped unit does not grant it)",
+                    "netns": name,
+                })
 
     def unsaved(self, path: str, exc: OSError) -> None:
         """Once: the state file cannot be written."""

@@ -34,14 +34,16 @@ from __future__ import annotations
 import errno
 import os
 import resource
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from enum import StrEnum
 from typing import NamedTuple
 
 from portwatch import sockdiag
 from portwatch.activation import SocketUnit, UnitCache
 from portwatch.holders import HolderIndex
-from portwatch.model import Process, Proto, Snapshot, Socket
+from portwatch.model import NetNs, Process, Proto, Snapshot, Socket
+from portwatch.namespaces import Namespaces, netns_inode
+from portwatch.netns import make_netns
 from portwatch.proc import ProcFS, TableRead
 from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import ProcParseError
@@ -96,17 +98,25 @@ def full_scan(
     *,
     walk: Walk | None = None,
     workers: int | None = None,
+    namespaces: Namespaces | None = None,
 ) -> tuple[Snapshot, list[str]]:
     """Every listening socket and every process holding it, and the socket tables that could
     not be read (each as "what: why"; the snapshot is then incomplete).
 
     `walk`: one begun earlier over procfs.root (the `portwatch` command starts
     it before its own start-up); else one is made here with `workers`.
+    `namespaces`: list every network namespace's sockets, not only this one's.
     """
     if walk is None:
         walk = Walk(procfs.root, workers=workers)
+    netns_of: dict[int, NetNs] = {}
     try:
-        table = lister.list(protocols, families)
+        if namespaces is not None:
+            namespaces.look_all()
+            listing = namespaces.listing(protocols, families)
+            table, netns_of = listing.table, listing.netns_of
+        else:
+            table = lister.list(protocols, families)
     except BaseException:
         walk.abandon()  # its helpers are already walking
         raise
@@ -117,8 +127,16 @@ def full_scan(
         found.processes,
         complete=table.complete,
         denied_pids=len(found.denied),
+        netns_of=netns_of,
+        host=own_netns(procfs) if namespaces is None else namespaces.host,
     )
     return snap, table.errors
+
+
+def own_netns(procfs: ProcFS) -> NetNs | None:
+    """This process's network namespace, named `host`; None when /proc does not say."""
+    inode = netns_inode(procfs.root, "self")
+    return make_netns(inode, host=True) if inode is not None else None
 
 
 def socket_units() -> list[SocketUnit]:
@@ -138,6 +156,9 @@ class ScanResult(NamedTuple):
     error: str | None = None
     partial: bool = False  # some tables were read, others not
     socket_units_problem: str | None = None  # why systemd's socket units could not be had
+    # Network namespaces whose listeners close with them, and why: netns_gone, netns_unwatched.
+    closed_netns: Mapping[int, str] = {}
+    unread_netns: tuple[str, ...] = ()  # namespaces that could not be read (see Namespaces)
 
 
 class Scanner:
@@ -147,28 +168,52 @@ class Scanner:
     closed after the listing: it is listed again and, if gone, left out (the
     next scan reports it closed) rather than reported as owned by nobody.
     A socket systemd holds is attributed to its socket unit (UnitCache).
+    With `all_netns`, every network namespace is listed (Namespaces): those
+    of the processes the tracker sees start (and hinted), of a slice of the
+    others each tick (a process that entered one later), and `ip netns`'s.
     A refused forced netlink source raises SockDiagUnavailable; other
     failures are in the result.
     """
 
-    def __init__(self, procfs: ProcFS, source: Source = Source.AUTO) -> None:
+    def __init__(self, procfs: ProcFS, source: Source = Source.AUTO, *, all_netns: bool = True) -> None:
         self.lister = SocketLister(procfs, source)
         self.tracker = OwnerTracker(procfs)
         self.units = UnitCache(socket_units)
+        self.host = own_netns(procfs)
+        self.namespaces: Namespaces | None = None
+        self._known: set[int] = set()  # the tracker's processes when namespaces were last looked at
+        self._young: set[int] = set()  # processes new at the last look: looked at once more
+        self._restat: list[int] = []  # the others, a slice a tick
+        self._unwatched: dict[int, str] = {}  # namespaces no longer watched, for the next scan
+        self._resolved: Snapshot | None = None  # the tracker's last snapshot
+        self._stale_netns: set[int] = set()  # namespaces to read whole at the next scan
+        self.watch_namespaces(all_netns)
+
+    def watch_namespaces(self, wanted: bool) -> None:
+        """Every network namespace (True), or only this process's own."""
+        if wanted and self.namespaces is None and self.host is not None:
+            self.namespaces = Namespaces(self.tracker.procfs, self.lister.list, self.host)
+            self._known, self._young, self._restat = set(), set(), []
+        elif not wanted and self.namespaces is not None:
+            self._unwatched = {n.id: "netns_unwatched" for n in self.namespaces.others}
+            self.namespaces.close()
+            self.namespaces = None
+
 
     def scan(
         self, previous: Snapshot | None, protocols: Iterable[Proto], *, hints: Iterable[int] = (),
         on_progress: Callable[[], None] | None = None,
     ) -> ScanResult:
         """A regular scan (see OwnerTracker.update)."""
-        return self._scan(previous, tuple(protocols), hints, on_progress, self.tracker.update)
+        return self._scan(previous, tuple(protocols), hints, on_progress, self.tracker.update, regular=True)
 
     def scan_early(
         self, previous: Snapshot | None, protocols: Iterable[Proto], *, hints: Iterable[int],
         on_progress: Callable[[], None] | None = None,
     ) -> ScanResult:
         """A scan of the processes that just started (see OwnerTracker.update_early)."""
-        return self._scan(previous, tuple(protocols), hints, on_progress, self.tracker.update_early)
+        return self._scan(previous, tuple(protocols), hints, on_progress, self.tracker.update_early,
+                          regular=False)
 
     @property
     def active_source(self) -> str:
@@ -183,6 +228,11 @@ class Scanner:
         """The last scan had to read old processes (a search, or the first scan)."""
         return self.tracker.searched
 
+    @property
+    def netns_problem(self) -> str | None:
+        """Why other namespaces are read through /proc/<pid>/net (setns refused), if it was."""
+        return self.namespaces.enter_problem if self.namespaces is not None else None
+
     def forget_processes(self, pids: Iterable[int]) -> None:
         self.tracker.forget_processes(pids)
 
@@ -192,23 +242,93 @@ class Scanner:
 
     def close(self) -> None:
         self.tracker.close()
+        if self.namespaces is not None:
+            self.namespaces.close()
 
     def _scan(
         self, previous: Snapshot | None, protocols: tuple[Proto, ...], hints: Iterable[int],
-        on_progress: Callable[[], None] | None, resolve: Callable[..., Snapshot],
+        on_progress: Callable[[], None] | None, resolve: Callable[..., Snapshot], *, regular: bool,
     ) -> ScanResult:
+        hints = tuple(hints)
+        spaces = self.namespaces
+        closed: dict[int, str] = self._unwatched
+        self._unwatched = {}
         try:
-            table = self.lister.list(protocols, FAMILIES)
+            if spaces is not None:
+                spaces.look(hints)  # a process that just started may be in a namespace of its own
+                table, netns_of, unread = self._list_namespaces(spaces, protocols, closed, self._stale_netns)
+            else:
+                table, netns_of, unread = self.lister.list(protocols, FAMILIES), {}, []
         except (ProcParseError, OSError) as exc:
             return ScanResult(None, str(exc))
-        snap = resolve(table.sockets, complete=table.complete, hint_pids=hints, on_progress=on_progress)
-        snap = self.units.apply(self._without_closed_meanwhile(previous, snap, protocols))
-        return ScanResult(snap, "; ".join(table.errors) or None, partial=bool(table.errors),
-                          socket_units_problem=self.units.problem)
+        snap = resolve(table.sockets, complete=table.complete, hint_pids=hints, on_progress=on_progress,
+                       netns_of=netns_of, host=self.host)
+        if spaces is not None and regular and (appeared := self._look_at_processes()):
+            # A namespace seen for the first time: its sockets and holders, in this scan.
+            searched = self.tracker.searched
+            try:
+                table, netns_of, unread = self._list_namespaces(spaces, protocols, closed)
+            except (ProcParseError, OSError):
+                pass  # the scan that worked stands; the next one reads the namespace
+            else:
+                snap = self.tracker.update_early(table.sockets, complete=table.complete,
+                                                 hint_pids=spaces.members(appeared), on_progress=on_progress,
+                                                 netns_of=netns_of, host=self.host)
+                self.tracker.searched |= searched
+        if spaces is not None:
+            self._stale_netns = self._owners_changed(snap, netns_of)
+        self._resolved = snap
+        snap = self._without_closed_meanwhile(previous, snap, protocols, closed)
+        return ScanResult(self.units.apply(snap), "; ".join(table.errors) or None, partial=bool(table.errors),
+                          socket_units_problem=self.units.problem, closed_netns=closed,
+                          unread_netns=tuple(unread))
+
+    def _list_namespaces(
+        self, spaces: Namespaces, protocols: tuple[Proto, ...], closed: dict[int, str],
+        force: Collection[int] = (),
+    ) -> tuple[TableRead, dict[int, NetNs], list[str]]:
+        """Every namespace's sockets; the namespaces gone are added to `closed`."""
+        index = self.tracker.index
+        listing = spaces.listing(protocols, FAMILIES, force=force, holders_of=index.holders_of)
+        closed.update(dict.fromkeys(listing.gone, "netns_gone"))
+        if listing.renamed:  # built anew, so the new name reaches the snapshot
+            index.touch(i for i, n in listing.netns_of.items() if n.id in listing.renamed)
+        return listing.table, listing.netns_of, listing.unread
+
+    def _owners_changed(self, snap: Snapshot, netns_of: Mapping[int, NetNs]) -> set[int]:
+        """Namespaces with a listener opened or whose holders changed since the last scan: read
+        whole at the next one (a holder that closed one listener may have opened another)."""
+        before = self._resolved
+        if before is None or snap is before:
+            return set()
+        old, new = before.listeners, snap.listeners
+        return {n.id for i, n in netns_of.items() if new.get(i) is not old.get(i)}
+
+    def _look_at_processes(self) -> set[int]:
+        """Which namespace the tracker's new processes are in (and last tick's new ones, and a
+        slice of the others: a process may enter one after it started); the new namespaces."""
+        spaces = self.namespaces
+        if spaces is None:
+            return set()
+        known = self.tracker.known
+        new: set[int] = set()
+        if known is not self._known:
+            new = known - self._known
+            spaces.forget(self._known - known)
+            self._known = known
+        if not self._restat:
+            self._restat = list(known)
+        step = max(1, -(-len(known) // self.tracker.rotation.ticks))
+        look = new | self._young | set(self._restat[-step:])
+        del self._restat[-step:]
+        self._young = new
+        return spaces.look(look)
 
     def _without_closed_meanwhile(
-        self, previous: Snapshot | None, snap: Snapshot, protocols: tuple[Proto, ...]
+        self, previous: Snapshot | None, snap: Snapshot, protocols: tuple[Proto, ...], closed: dict[int, str],
     ) -> Snapshot:
+        """The snapshot without the listeners that lost every holder because they closed (listing
+        again); namespaces found gone meanwhile are added to `closed`."""
         if previous is None:
             return snap
         lost = [i for i, x in snap.listeners.items()
@@ -216,7 +336,11 @@ class Scanner:
         if not lost:
             return snap
         try:
-            again = self.lister.list(protocols, FAMILIES)
+            if self.namespaces is not None:
+                elsewhere = {n.id for i in lost if (n := snap.listeners[i].netns) is not None and not n.host}
+                again = self._list_namespaces(self.namespaces, protocols, closed, elsewhere)[0]
+            else:
+                again = self.lister.list(protocols, FAMILIES)
         except (ProcParseError, OSError, sockdiag.SockDiagUnavailable):
             return snap  # the scan that worked stands; the next one says what failed
         if not again.complete:
@@ -327,12 +451,14 @@ class OwnerTracker:
 
     def update(
         self, sockets: list[Socket], *, complete: bool, hint_pids: Iterable[int] = (),
-        on_progress: Callable[[], None] | None = None,
+        on_progress: Callable[[], None] | None = None, netns_of: Mapping[int, NetNs] | None = None,
+        host: NetNs | None = None,
     ) -> Snapshot:
         """A regular tick: re-check known holders, read new and hinted processes, search for
         what is still unexplained, take a rotation step; the snapshot of `sockets`.
 
         `on_progress` is called every few hundred processes of a long walk (the watchdog).
+        `netns_of`/`host`: the namespace of each socket (see snapshot.build_snapshot).
         """
         listening, same = self._listing(sockets)
         self._recheck()
@@ -349,18 +475,24 @@ class OwnerTracker:
             current = self._known
         walked = self._resolve(current, hint_pids, sockets, listening, on_progress)
         self._rotate(current, listening, walked, on_progress)
-        return self._finish(sockets, complete, same)
+        return self._finish(sockets, complete, same, netns_of, host)
 
     def update_early(
         self, sockets: list[Socket], *, complete: bool, hint_pids: Iterable[int],
-        on_progress: Callable[[], None] | None = None,
+        on_progress: Callable[[], None] | None = None, netns_of: Mapping[int, NetNs] | None = None,
+        host: NetNs | None = None,
     ) -> Snapshot:
         """An extra tick while processes start: only the hinted ones (the proc connector's forks
         and execs) are read. The re-check, the listing of /proc and the rotation wait for the
         next regular tick, so early ticks stay cheap on a large host."""
         listening, same = self._listing(sockets)
         self._resolve(self._known.union(hint_pids), hint_pids, sockets, listening, on_progress)
-        return self._finish(sockets, complete, same)
+        return self._finish(sockets, complete, same, netns_of, host)
+
+    @property
+    def known(self) -> set[int]:
+        """The processes of the last listing of /proc (the same object until it changes)."""
+        return self._known
 
     def forget_processes(self, pids: Iterable[int]) -> None:
         """Read these processes' details again (after exec) at the next update."""
@@ -493,7 +625,8 @@ class OwnerTracker:
         self.rotation.forget(pid)
         self._denied.discard(pid)
 
-    def _finish(self, sockets: list[Socket], complete: bool, same: bool) -> Snapshot:
+    def _finish(self, sockets: list[Socket], complete: bool, same: bool,
+                netns_of: Mapping[int, NetNs] | None, host: NetNs | None) -> Snapshot:
         """Read the details of new holders and of those to refresh; build the snapshot."""
         stale = self._refresh | (self.index.pids() - self._processes.keys())
         self._refresh = set()
@@ -505,5 +638,6 @@ class OwnerTracker:
         self._snapshot = rebuild_snapshot(
             self._snapshot, sockets, changed=self.index.take_dirty(), holders_of=self.index.holders_of,
             processes=self._processes, complete=complete, denied_pids=len(self._denied), same_sockets=same,
+            netns_of=netns_of, host=host,
         )
         return self._snapshot

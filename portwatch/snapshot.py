@@ -6,7 +6,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import NamedTuple
 
-from portwatch.model import Listener, Process, Snapshot, Socket, Unresolved
+from portwatch.model import Listener, NetNs, Process, Snapshot, Socket, Unresolved
 
 
 def build_snapshot(
@@ -16,8 +16,12 @@ def build_snapshot(
     *,
     complete: bool = True,
     denied_pids: int = 0,
+    netns_of: Mapping[int, NetNs] | None = None,
+    host: NetNs | None = None,
 ) -> Snapshot:
     """Join listening sockets with the pids holding each inode.
+
+    Each listener is in the namespace `netns_of` gives for its inode, else in `host`.
 
     A holder whose details could not be read (it exited in between) is left
     out. A socket with no holder says why: if some process could not be
@@ -35,7 +39,8 @@ def build_snapshot(
         unresolved = None
         if not owners:
             unresolved = Unresolved.PERMISSION_DENIED if denied_pids else Unresolved.NO_PROCESS
-        listeners[sock.inode] = Listener(sock, owners, unresolved)
+        netns = netns_of.get(sock.inode, host) if netns_of else host
+        listeners[sock.inode] = Listener(sock, owners, unresolved, netns=netns)
     return Snapshot(listeners, complete=complete, denied_pids=denied_pids)
 
 
@@ -49,6 +54,8 @@ def rebuild_snapshot(
     complete: bool,
     denied_pids: int,
     same_sockets: bool,
+    netns_of: Mapping[int, NetNs] | None = None,
+    host: NetNs | None = None,
 ) -> Snapshot:
     """The snapshot of `sockets`, carrying over every Listener of `previous` that did not change.
 
@@ -77,7 +84,8 @@ def rebuild_snapshot(
         return previous  # the same listeners, every one unchanged
     if stale:
         holders = {s.inode: holders_of(s.inode) for s in stale}
-        fresh = build_snapshot(stale, holders, processes, complete=complete, denied_pids=denied_pids)
+        fresh = build_snapshot(stale, holders, processes, complete=complete, denied_pids=denied_pids,
+                               netns_of=netns_of, host=host)
         listeners.update(fresh.listeners)
     return Snapshot(
         {inode: listener for inode, listener in listeners.items() if listener is not None},

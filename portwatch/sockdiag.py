@@ -21,6 +21,7 @@ import functools
 import os
 import socket
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 
 from portwatch.model import Proto, Socket
@@ -76,38 +77,69 @@ def list_listeners(
     one); sockets with inode 0 are all kept, as in the /proc reader.
     Families other than 4 and 6 are ignored. Raises SockDiagUnavailable.
     """
-    global _replies_before  # noqa: PLW0603 (replaced whole, never mutated: thread-safe)
-    fams = set(families)
-    jobs = [(p, f) for p in dict.fromkeys(protocols) for f in (4, 6) if f in fams]
-    found: dict[int, Socket] = {}
-    zeros: list[Socket] = []
-    before = _replies_before
-    # The last listing's sockets by inode, made when a reply changed. A listener outlives many
-    # scans, and handing back the equal Socket from the scan before (they are immutable) is
-    # cheaper than building it again and leaves the garbage collector nothing new.
-    previous: dict[int, Socket] | None = None
-    seen: dict[tuple[Proto, int, int], _Reply] = {}
-    with _open() as sock:
-        buf = bytearray(_BUFSIZE + _MSG_LEN)
-        for seq, (proto, family) in enumerate(jobs, start=1):
-            dump = _Dump(proto, family, seq=seq)
-            for n, length in enumerate(_replies(sock, buf, dump.request(), dump.name)):
-                key = (proto, family, n)
-                raw = bytes(memoryview(buf)[:length])
-                digest = _digest(raw)
-                reply = before.get(key)
-                if reply is None or reply.digest != digest:
-                    if previous is None:
-                        previous = {s.inode: s for r in before.values() for s in r.sockets}
-                    reply = dump.take(raw, digest, previous)
-                seen[key] = reply
-                for s in reply.sockets:
-                    found[s.inode] = s
-                zeros.extend(reply.zeros)
-                if reply.done:
-                    break
-    _replies_before = seen
-    return [*found.values(), *zeros]
+    return _OWN.list(protocols, families)
+
+
+class Dumper:
+    """Dumps the listening sockets of one network namespace: portwatch's own (a netlink socket
+    opened for each listing), or another's (`inside`: one opened there and kept)."""
+
+    __slots__ = ("_before", "_sock")
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        self._sock = sock
+        # The replies of the last listing, by (protocol, family, position in its dump). On a
+        # quiet host each reply is byte for byte the one before (same sockets, same queue
+        # lengths), and hashing 8 KiB of bytes costs a fiftieth of parsing them.
+        self._before: dict[tuple[Proto, int, int], _Reply] = {}
+
+    @classmethod
+    def inside(cls, netns_fd: int) -> Dumper:
+        """A dumper of the network namespace `netns_fd` refers to (an open /proc/<pid>/ns/net or
+        `ip netns` file). Entering it needs CAP_SYS_ADMIN: raises SockDiagUnavailable."""
+        return cls(_open_inside(netns_fd))
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+
+    def list(self, protocols: Iterable[Proto], families: Iterable[int]) -> list[Socket]:
+        """See list_listeners."""
+        fams = set(families)
+        jobs = [(p, f) for p in dict.fromkeys(protocols) for f in (4, 6) if f in fams]
+        found: dict[int, Socket] = {}
+        zeros: list[Socket] = []
+        before = self._before
+        # The last listing's sockets by inode, made when a reply changed. A listener outlives
+        # many scans, and handing back the equal Socket from the scan before (they are
+        # immutable) is cheaper than building it again and leaves the collector nothing new.
+        previous: dict[int, Socket] | None = None
+        seen: dict[tuple[Proto, int, int], _Reply] = {}
+        sock = self._sock if self._sock is not None else _open()
+        try:
+            buf = bytearray(_BUFSIZE + _MSG_LEN)
+            for seq, (proto, family) in enumerate(jobs, start=1):
+                dump = _Dump(proto, family, seq=seq)
+                for n, length in enumerate(_replies(sock, buf, dump.request(), dump.name)):
+                    key = (proto, family, n)
+                    raw = bytes(memoryview(buf)[:length])
+                    digest = _digest(raw)
+                    reply = before.get(key)
+                    if reply is None or reply.digest != digest:
+                        if previous is None:
+                            previous = {s.inode: s for r in before.values() for s in r.sockets}
+                        reply = dump.take(raw, digest, previous)
+                    seen[key] = reply
+                    for s in reply.sockets:
+                        found[s.inode] = s
+                    zeros.extend(reply.zeros)
+                    if reply.done:
+                        break
+        finally:
+            if sock is not self._sock:
+                sock.close()
+        self._before = seen  # replaced whole, never mutated: a listing in a thread is safe
+        return [*found.values(), *zeros]
 
 
 def _digest(raw: bytes) -> tuple[int, int]:
@@ -129,10 +161,7 @@ class _Reply:
         self.done = False  # it ended the dump
 
 
-# The replies of the last listing, by (protocol, family, position in its dump). On a quiet
-# host each reply is byte for byte the one before (same sockets, same queue lengths), and
-# hashing 8 KiB of bytes costs a fiftieth of parsing them: most of a listing's cost.
-_replies_before: dict[tuple[Proto, int, int], _Reply] = {}
+_OWN = Dumper()
 
 
 def _open() -> socket.socket:
@@ -142,6 +171,37 @@ def _open() -> socket.socket:
     except OSError as exc:
         raise SockDiagUnavailable(f"cannot open a NETLINK_SOCK_DIAG socket: {_why(exc)}") from exc
     return sock
+
+
+def _open_inside(netns_fd: int) -> socket.socket:
+    """A sock_diag socket in another network namespace: made by a thread that enters it (setns
+    moves only the calling thread), so this thread never leaves its own. A socket keeps the
+    namespace it was made in."""
+    from portwatch.libc import CLONE_NEWNET, setns  # noqa: PLC0415 (only for other namespaces)
+
+    made: list[socket.socket | BaseException] = []
+
+    def enter_and_open() -> None:
+        try:
+            setns(netns_fd, CLONE_NEWNET)
+            made.append(_open())
+        except Exception as exc:
+            made.append(exc)
+
+    try:
+        thread = threading.Thread(target=enter_and_open, name="portwatch-setns")
+        thread.start()
+        thread.join()
+    except RuntimeError as exc:  # no thread could be started
+        raise SockDiagUnavailable(f"cannot enter the network namespace: {exc}") from exc
+    result = made[0] if made else SockDiagUnavailable("cannot enter the network namespace")
+    if isinstance(result, socket.socket):
+        return result
+    if isinstance(result, OSError):
+        raise SockDiagUnavailable(f"cannot enter the network namespace: {_why(result)}") from result
+    if isinstance(result, SockDiagUnavailable):
+        raise result
+    raise SockDiagUnavailable(f"cannot enter the network namespace: {result!r}") from result
 
 
 def _replies(sock: socket.socket, buf: bytearray, request: bytes, name: str) -> Iterator[int]:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from portwatch.model import Listener, Process, Proto, Snapshot, Socket, Unresolved
+from portwatch.model import Container, Listener, NetNs, Process, Proto, Snapshot, Socket, Unresolved
 
 FORMAT_VERSION = 1
 FILE_NAME = "state.json"
@@ -153,8 +153,10 @@ class StateStore:
 def _encode_listener(listener: Listener, since: float | None = None) -> dict[str, Any]:
     s = listener.socket
     units = {"socket_unit": listener.socket_unit, "service_unit": listener.service_unit}
+    netns = listener.netns
     return {
         **(units if listener.socket_unit is not None else {}),
+        **({"netns": _encode_netns(netns)} if netns is not None else {}),
         **({"since": since} if since is not None else {}),
         "proto": s.proto.value, "family": s.family, "address": s.address, "port": s.port,
         "inode": s.inode, "uid": s.uid,
@@ -189,11 +191,26 @@ def _decode(data: dict[str, Any]) -> SavedState:
             seen[sock.inode] = float(item["since"])
         listeners[sock.inode] = Listener(
             sock, processes, unresolved, _optional_str(item.get("socket_unit")),
-            _optional_str(item.get("service_unit")),
+            _optional_str(item.get("service_unit")), _decode_netns(item.get("netns")),
         )
     taken = {int(k): [int(p) for p in v] for k, v in data.get("taken", {}).items()}
     snapshot = Snapshot(listeners, complete=bool(data.get("complete", True)))
     return SavedState(snapshot, taken, str(data.get("saved_at", "")), seen)
+
+
+def _encode_netns(netns: NetNs) -> dict[str, Any]:
+    c = netns.container
+    return {"id": netns.id, "name": netns.name, **({"host": True} if netns.host else {}),
+            **({"container": [c.engine, c.id, c.name]} if c is not None else {})}
+
+
+def _decode_netns(item: Any) -> NetNs | None:
+    """A saved listener's namespace (None in a file from before namespaces were watched)."""
+    if item is None:
+        return None
+    c = item.get("container")
+    container = Container(str(c[0]), str(c[1]), _optional_str(c[2])) if c else None
+    return NetNs(int(item["id"]), str(item["name"]), bool(item.get("host", False)), container)
 
 
 def _optional_str(value: Any) -> str | None:

@@ -14,12 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portwatch"
 LAYERS = [
     {"__init__", "model", "text", "closing"},
     {"procfs", "snapshot", "policy", "config", "events", "render", "access", "holders", "schedule",
-     "judge", "pace", "yamlread", "bindfail", "conflicts", "why"},
+     "judge", "pace", "yamlread", "bindfail", "conflicts", "why", "netns"},
     {"activation"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
     {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state", "sdbus", "bindcheck",
      "journalfollow"},
-    {"walk"},
+    {"walk", "namespaces"},
     {"scan", "log", "report"},
     {"conflictwatch"},
     {"daemon"},

@@ -28,7 +28,7 @@ P = "/cfg/pw.yaml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "portwatch.yaml"
 TOP_KEYS = (
     "interval, protocols, log_listeners, reserved, hooks, hook_cooldown, max_parallel_hooks, "
-    "state_dir, follow_journal, conflict_hooks"
+    "state_dir, follow_journal, conflict_hooks, netns"
 )
 
 
@@ -410,7 +410,7 @@ ERRORS: list[tuple[str, str, list[str]]] = [
         "reserved:\n  - name: a\n    ports: [1]\n    alow: []\n",
         [
             f"{P}:4: reserved[0]: unknown key 'alow' (did you mean 'allow'?); "
-            "expected one of: name, ports, proto, allow, hooks"
+            "expected one of: name, ports, proto, allow, hooks, netns"
         ],
     ),
     (

@@ -62,6 +62,7 @@ class FakeScanner:
 
     active_source = "netlink"
     fallback_reason: str | None = None
+    netns_problem: str | None = None
     searched = False
 
     def __init__(self) -> None:
@@ -90,6 +91,9 @@ class FakeScanner:
 
     def capabilities(self) -> int | None:
         return None
+
+    def watch_namespaces(self, wanted: bool) -> None:
+        pass
 
     def close(self) -> None:
         pass

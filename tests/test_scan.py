@@ -23,7 +23,7 @@ import pytest
 from portwatch.model import Proto, Snapshot, Socket
 from portwatch.proc import ProcFS
 from portwatch.procfd import single_threaded
-from portwatch.scan import OwnerTracker, SocketLister, Source, full_scan
+from portwatch.scan import OwnerTracker, SocketLister, Source, full_scan, own_netns
 from portwatch.schedule import RECHECK_TICKS, RecheckTurns
 from portwatch.sockdiag import list_listeners
 from tests.conftest import Holder, wait_exited
@@ -453,7 +453,7 @@ def test_every_path_gives_identical_snapshots(holders: Callable[..., Holder]) ->
     try:
         def tracked() -> Snapshot:
             table = netlink.list((Proto.TCP, Proto.UDP), (4, 6))
-            return tracker.update(table.sockets, complete=table.complete)
+            return tracker.update(table.sockets, complete=table.complete, host=own_netns(procfs))
 
         a, b = _stable(tracked, lambda: scan(netlink), mine)
         assert a == b

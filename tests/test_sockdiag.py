@@ -140,7 +140,7 @@ def test_second_call_reuses_equal_sockets_and_never_stale_ones(
     ):
         remembered = sockdiag._Reply((0, 0))  # a reply that matches none: its sockets are the last listing
         remembered.sockets = [stale]
-        sockdiag._replies_before = {(Proto.TCP, 4, 99): remembered}
+        sockdiag._OWN._before = {(Proto.TCP, 4, 99): remembered}
         listed = {s.inode: s for s in list_listeners()}
         assert listed[right.inode] == right
 
@@ -151,10 +151,10 @@ def test_unchanged_replies_are_reused_and_changed_ones_parsed(
     """A reply byte for byte like the last one gives the same sockets; any change is parsed anew."""
     socks = [opened(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1") for _ in range(300)]
     list_listeners((Proto.TCP,), (4,))
-    before = dict(sockdiag._replies_before)
+    before = dict(sockdiag._OWN._before)
     assert len(before) > 2, "300 listeners should take several replies"
     list_listeners((Proto.TCP,), (4,))
-    assert all(sockdiag._replies_before[key] is reply for key, reply in before.items())
+    assert all(sockdiag._OWN._before[key] is reply for key, reply in before.items())
     # Change the listing: one listener closed, one opened, one with a connection waiting in its
     # accept queue (same socket, different bytes: idiag_rqueue).
     closed = socks.pop(150)

@@ -137,6 +137,9 @@ reserved:
     ports: [{p3}]
     proto: tcp
     hooks: [detach]
+  - name: anywhere
+    ports: [{p4}]
+    netns: "*"
 hooks:
   record:
     command: [/usr/bin/python3, {programs}/record_hook.py, {hook_dir}]
@@ -159,10 +162,10 @@ def installed(systemd_sandbox: Sandbox) -> Iterator[Installed]:
     etc = sandbox.workdir / "etc"
     etc.mkdir()
     etc.chmod(0o755)
-    ports = (free_port(), free_port(), free_port())
+    ports = (free_port(), free_port(), free_port(), free_port())
     config = etc / "portwatch.yaml"
     config.write_text(
-        CONFIG.format(p1=ports[0], p2=ports[1], p3=ports[2], programs=programs, hook_dir=HOOK_DIR)
+        CONFIG.format(p1=ports[0], p2=ports[1], p3=ports[2], p4=ports[3], programs=programs, hook_dir=HOOK_DIR)
     )
     bad = etc / "bad.yaml"
     bad.write_text("interval: -1\nunknown_key: 1\n")
@@ -442,6 +445,33 @@ def test_procfs_fallback_works_in_the_shipped_unit(running: Installed) -> None:
     finally:
         running.drop_in()
         running.sandbox.systemctl("restart", UNIT)
+
+
+def test_the_hardened_unit_sees_other_network_namespaces(running: Installed) -> None:
+    """ProtectProc=ptraceable, the unit's two capabilities and RestrictNamespaces= (no setns)
+    leave /proc/<pid>/net readable: a listener of user nobody in a network namespace of its own
+    is found, named, and closed with its namespace."""
+    invocation = running.state()["InvocationID"]
+    port = running.ports[3]
+    inside = start_holder(
+        [{"proto": "tcp", "family": 4, "address": "127.0.0.1", "port": port}],
+        name=b"in-netns",
+        prefix=[*running.sandbox.prefix, "unshare", "--net", "setpriv", f"--reuid={NOBODY}",
+                f"--regid={NOBODY}", "--clear-groups"],
+        python="/usr/bin/python3",
+        program=running.programs / "listener.py",
+    )
+    try:
+        (entry,) = running.events("reserved_port_taken", invocation, f"PORTWATCH_PORT={port}")
+        inode = running.sandbox.run("stat", "-L", "-c", "%i", f"/proc/{inside.pid}/ns/net").stdout.strip()
+        assert entry["PORTWATCH_PID"] == str(inside.pid), entry
+        assert entry["PORTWATCH_VERIFIED"] == "true"
+        assert (entry["PORTWATCH_NETNS"], entry["PORTWATCH_NETNS_ID"]) == (f"netns:[{inode}]", inode), entry
+        assert "PORTWATCH_CONTAINER" not in entry
+    finally:
+        running.stop_intruder(inside)
+    (closed,) = running.events("listener_closed", invocation, f"PORTWATCH_PORT={port}")
+    assert closed["PORTWATCH_REASON"] == "netns_gone", closed
 
 
 def test_loaded_unit_exposure_is_at_most_2(running: Installed) -> None:
