@@ -17,7 +17,6 @@ them (root with CAP_SYS_ADMIN: a sock_diag socket opened inside each). Its CPU t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import ROOT, Daemon, Scene, Tree, timed
+from bench.run import ROOT, Daemon, Scene, Tree, finish, timed
 
 HOLDER = r"""
 import socket, sys, time
@@ -60,9 +59,17 @@ class Namespaces:
     """`count` ip netns namespaces, each with one process holding `listeners` listeners."""
 
     def __init__(self, count: int, listeners: int) -> None:
-        self.names = [f"pwbench-{os.getpid()}-{i}" for i in range(count)]
+        self.names: list[str] = []
         self.holders: list[subprocess.Popen[str]] = []
-        for name in self.names:
+        try:
+            self._start(count, listeners)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, count: int, listeners: int) -> None:
+        for name in (f"pwbench-{os.getpid()}-{i}" for i in range(count)):
+            self.names.append(name)
             subprocess.run(["ip", "netns", "add", name], check=True)
             subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
             argv = ["ip", "netns", "exec", name, sys.executable, "-c", HOLDER, str(listeners)]
@@ -74,14 +81,7 @@ class Namespaces:
 
     def close(self) -> None:
         for proc in self.holders:
-            with contextlib.suppress(OSError):
-                assert proc.stdin is not None
-                proc.stdin.close()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            finish(proc)
         for name in self.names:
             subprocess.run(["ip", "netns", "delete", name], check=False)
 

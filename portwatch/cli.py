@@ -338,8 +338,8 @@ def _in_netns(args: argparse.Namespace, spaces: Namespaces | None) -> Callable[[
     return lambda netns: selects(netns, args.netns)
 
 
-def _warn_namespaces(spaces: Namespaces | None, unread: Sequence[str]) -> None:
-    for name in unread:
+def _warn_namespaces(spaces: Namespaces | None) -> None:
+    for name in spaces.unread if spaces is not None else ():
         sys.stderr.write(
             f"portwatch: network namespace {escape(name)} not read: no process is inside it, and "
             f"entering it was refused ({spaces.enter_problem if spaces else 'setns'}); a socket "
@@ -365,7 +365,7 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
     _warn_fallback(lister)
     _warn_unattributed(units.problem)
     _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
-    _warn_namespaces(spaces, spaces.unread if spaces is not None else ())
+    _warn_namespaces(spaces)
     if args.json:
         _print_json([listener_json(x) for x in listeners])
     elif listeners or args.command == "list":
@@ -424,13 +424,11 @@ def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     spaces = _namespaces(args, procfs, lister)
     netns_of: dict[int, NetNs] = {}
     if spaces is not None:
-        spaces.look_all()
-        listing = spaces.listing((Proto.TCP, Proto.UDP), (4, 6))
+        listing = spaces.listing_all((Proto.TCP, Proto.UDP), (4, 6))
         table_read, netns_of = listing.table, listing.netns_of
         wanted = _in_netns(args, spaces)
         if wanted is not None:
-            keep = {s.inode for s in table_read.sockets if wanted(netns_of.get(s.inode, spaces.host))}
-            table_read.sockets = [s for s in table_read.sockets if s.inode in keep]
+            table_read.sockets = [s for s in table_read.sockets if wanted(netns_of.get(s.inode, spaces.host))]
     else:
         table_read = lister.list((Proto.TCP, Proto.UDP), (4, 6))
     by_inode = {s.inode: s for s in table_read.sockets if s.inode}
@@ -456,7 +454,7 @@ def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     _warn_fallback(lister)
     _warn_unattributed(problem)
     _warn_unseen(procfs, denied, True)
-    _warn_namespaces(spaces, spaces.unread if spaces is not None else ())
+    _warn_namespaces(spaces)
     if args.json:
         host = spaces.host if spaces is not None else own_netns(procfs)
         _print_json([process_ports_json(e, netns_of, host) for e in entries])

@@ -135,8 +135,10 @@ class Namespaces:
             self._pid_ns[pid] = inode
         return new
 
-    def look_all(self) -> None:
+    def listing_all(self, protocols: Iterable[Proto], families: Iterable[int]) -> Listing:
+        """One listing after looking at every process: the one-shot views'."""
         self.look(self.procfs.pids())
+        return self.listing(protocols, families)
 
     def forget(self, pids: Iterable[int]) -> None:
         """These processes exited."""

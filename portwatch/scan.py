@@ -112,8 +112,7 @@ def full_scan(
     netns_of: dict[int, NetNs] = {}
     try:
         if namespaces is not None:
-            namespaces.look_all()
-            listing = namespaces.listing(protocols, families)
+            listing = namespaces.listing_all(protocols, families)
             table, netns_of = listing.table, listing.netns_of
         else:
             table = lister.list(protocols, families)
@@ -198,7 +197,6 @@ class Scanner:
             self._unwatched = {n.id: "netns_unwatched" for n in self.namespaces.others}
             self.namespaces.close()
             self.namespaces = None
-
 
     def scan(
         self, previous: Snapshot | None, protocols: Iterable[Proto], *, hints: Iterable[int] = (),
