@@ -9,6 +9,7 @@ its line); this module is the schema.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,14 @@ class HookSpec:
     timeout: float = DEFAULT_HOOK_TIMEOUT
 
 
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Where the Prometheus metrics go: an HTTP listener, a node_exporter textfile, or both."""
+
+    listen: tuple[str, int] | None = None  # (IP address, port)
+    textfile: str | None = None  # an absolute path ending in .prom
+
+
 ALL_PROTOCOLS = frozenset({Proto.TCP, Proto.UDP})
 
 
@@ -74,6 +83,7 @@ class Config:
     follow_journal: bool = True
     conflict_hooks: tuple[str, ...] = ()
     netns: str = "all"  # every network namespace, or "host": portwatch's own only
+    metrics: MetricsSettings | None = None
 
     def rule_for(self, proto: Proto, port: int, netns: NetNs | None = None) -> Rule | None:
         """The rule reserving `port`/`proto` in `netns` (None: the host's); validation makes it
@@ -108,6 +118,28 @@ def parse_config(text: str | bytes, path: str) -> Config:
     if v.problems or config is None:
         raise ConfigError(v.lines())
     return config
+
+
+def parse_listen(text: str) -> tuple[str, int] | str:
+    """`127.0.0.1:9948` or `[::1]:9948` as (address, port), or what is wrong with it. An IP
+    address, never a name: the daemon must not wait for a resolver to start."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        literal: type[ipaddress.IPv4Address | ipaddress.IPv6Address] = ipaddress.IPv6Address
+    else:
+        literal = ipaddress.IPv4Address
+    expected = 'an IP address and a port, e.g. "127.0.0.1:9948" or "[::1]:9948"'
+    if not sep or not _PORT_RE.match(port) or len(port) > 5 or not 1 <= int(port) <= PORT_MAX:
+        return f"must be {expected}, not {quote(text)}"
+    if literal is ipaddress.IPv4Address and ":" in host:
+        return f'an IPv6 address goes in brackets ("[{host}]:{port}"), not {quote(text)}'
+    try:
+        address = str(literal(host))
+    except ValueError:
+        return f"{quote(host)} is not an IP{'v6' if literal is ipaddress.IPv6Address else 'v4'} address; " \
+               f"expected {expected}"
+    return address, int(port)
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -198,6 +230,37 @@ class _Validator(NodeReader):
             self.problem(node, "netns", f"unknown value {quote(value)}; expected all or host")
             return None
         return value
+
+    def metrics(self, node: Node) -> MetricsSettings | None:
+        if not isinstance(node, MappingNode):
+            what = "a mapping with listen or textfile"
+            self.wrong_type(node, self.scalar(node, "metrics"), "metrics", what)
+            return None
+        keys = self.mapping(node, "metrics", ("listen", "textfile"))
+        if not node.value:
+            self.problem(node, "metrics", "needs listen (an address:port to serve) or textfile (a path)")
+            return None
+        listen: tuple[str, int] | None = None
+        textfile: str | None = None
+        if "listen" in keys:
+            text = self.string(keys["listen"], "metrics.listen", 'an address and port, e.g. "127.0.0.1:9948"')
+            parsed = parse_listen(text) if text is not None else None
+            if isinstance(parsed, str):
+                self.problem(keys["listen"], "metrics.listen", parsed)
+                return None
+            listen = parsed
+        if "textfile" in keys:
+            textfile = self.string(keys["textfile"], "metrics.textfile", "an absolute path ending in .prom")
+            if textfile is not None and (not textfile.startswith("/") or not textfile.endswith(".prom")
+                                         or "\0" in textfile or textfile.endswith("/.prom")):
+                self.problem(keys["textfile"], "metrics.textfile",
+                             f"must be an absolute path ending in .prom (node_exporter reads only those), "
+                             f"not {quote(textfile)}")
+                return None
+        if len(keys) != len(node.value) or ("listen" in keys and listen is None) \
+                or ("textfile" in keys and textfile is None):
+            return None
+        return MetricsSettings(listen=listen, textfile=textfile)
 
     def max_parallel(self, node: Node) -> int | None:
         value = self.scalar(node, "max_parallel_hooks")
@@ -487,5 +550,6 @@ TOP_LEVEL: dict[str, Callable[[_Validator, Node, dict[str, Any]], Any]] = {
     "follow_journal": lambda v, node, _: v.boolean(node, "follow_journal"),
     "conflict_hooks": lambda v, node, _: v.rule_hooks(node, "conflict_hooks"),
     "netns": lambda v, node, _: v.netns_scope(node),
+    "metrics": lambda v, node, _: v.metrics(node),
 }
 _AFTER_HOOKS = ("reserved", "conflict_hooks")

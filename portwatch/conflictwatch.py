@@ -73,6 +73,7 @@ class ConflictWatch:
             self._unregister()
             self.journal.close()
             self.journal = None
+            self.reporter.journal_unreadable(None)
 
     def read(self, now: float, rules: Iterable[Rule]) -> bool:
         """What the journal has for us; True when the saved position moved."""
@@ -131,6 +132,7 @@ class ConflictWatch:
             return
         self._fd = fd
         self.selector.register(fd, selectors.EVENT_READ, "journal")
+        self.reporter.journal_unreadable(None)
 
     def _unregister(self) -> None:
         if self._fd is not None and self.selector is not None:

@@ -16,13 +16,14 @@ import selectors
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from portwatch.config import DEFAULT_PATH, Config, ConfigError, load_config
+from portwatch.config import DEFAULT_PATH, Config, ConfigError, MetricsSettings, load_config
 from portwatch.conflictwatch import ConflictWatch, Journal
 from portwatch.events import status_line
+from portwatch.gauges import Published
 from portwatch.hooks import HookRunner
 from portwatch.libc import drop_ambient_capabilities, release_free_heap
 from portwatch.log import EventLog, choose_format
@@ -36,6 +37,9 @@ from portwatch.snapshot import carry_forward
 from portwatch.sockdiag import SockDiagUnavailable
 from portwatch.state import JournalPosition, SavedState, StateError, StateStore, state_dir
 from portwatch.watch import ConfigWatcher
+
+if TYPE_CHECKING:
+    from portwatch.metrics import Metrics
 
 EX_CONFIG = 78  # the unit's RestartPreventExitStatus=
 EX_UNAVAILABLE = 69  # a required facility (netlink, when forced) is missing
@@ -91,7 +95,10 @@ class Daemon:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.emit = log.emit
+        self.log = log
+        self.metrics: Metrics | None = None  # made when the config first asks for metrics
+        self._metrics_problem: str | None = None  # why the listener could not be had
+        self._emitted = False  # an event since the metrics were last published
         self.scanner = scanner
         self.notifier = notifier or Notifier()
         self.clock = clock
@@ -110,6 +117,8 @@ class Daemon:
         self.conflict_watch = ConflictWatch(journal, self.report, reopen, wall=wall)
         self.wall = wall
         self._scanned_after = float("-inf")  # when the last finished scan began
+        self._last_scan_wall: float | None = None  # the same, by the wall clock, once one worked
+        self._selector: selectors.BaseSelector | None = None
         self.pace = Pacer(config.interval)
         self.saves = SaveThrottle()
         self._stop = self._reload = False
@@ -130,7 +139,7 @@ class Daemon:
             sel.register(self.watcher.fileno(), selectors.EVENT_READ, "config")  # type: ignore[arg-type]
         if self.proc_events is not None:
             sel.register(self.proc_events.fileno(), selectors.EVENT_READ, "proc")
-        self.conflict_watch.selector = sel
+        self.conflict_watch.selector = self._selector = sel
         try:
             self.start()
             self._loop(sel, rfd)
@@ -146,6 +155,7 @@ class Daemon:
     def start(self) -> None:
         """The first scan, then `portwatch_started`, then what the first scan found."""
         saved, state_event = restore(self.state)
+        self._metrics_problem = self._configure_metrics(self.config.metrics)
         scan = self._scan(early=False)  # a refused forced netlink source propagates: no start
         snap = self.snapshot or Snapshot({})
         self.emit("portwatch_started", {
@@ -154,7 +164,7 @@ class Daemon:
             "socket_source": self.scanner.active_source, "netlink_unavailable": self.scanner.fallback_reason,
             "config_watch": self.watcher.mode, "config_watch_fallback": self.watcher.fallback_reason,
             "proc_events": self.proc_events is not None, "proc_events_unavailable": self.proc_events_reason,
-            "pid": os.getpid(),
+            "metrics": _metrics_where(self.metrics), "pid": os.getpid(),
         })
         self._started = True
         if state_event is not None:
@@ -169,6 +179,7 @@ class Daemon:
         self.report.denied(snap, self.scanner.capabilities)
         self.conflict_watch.start(self.clock(), started_usec=int(self.wall() * 1e6))
         self._update_status()
+        self._publish()
         self._last_ping = self.pace.last_scan
         self.notifier.ready(self._status_text())
 
@@ -186,6 +197,8 @@ class Daemon:
                     self.pace.saw(self.proc_events.read_events(), self.clock())
                 elif key.data == "journal":
                     self.saves.dirty |= self.conflict_watch.read(self.clock(), self.config.reserved)
+                elif key.data == "metrics" and self.metrics is not None:
+                    self.metrics.serve()
             if self._stop:
                 break
             edited = self.watcher.changed()  # asked even on a HUP: one reload answers both
@@ -204,6 +217,8 @@ class Daemon:
             self.emit("portwatch_stopping", {"pid": os.getpid()})
         self.notifier.stopping()
         self.hooks.close(timeout=1.0)
+        if self.metrics is not None:
+            self.metrics.close_listener()  # a textfile stays: its stale last scan says portwatch stopped
         self.watcher.close()
         self.scanner.close()
         if self.proc_events is not None:
@@ -240,6 +255,7 @@ class Daemon:
             self.report.unattributed(scan.socket_units_problem)
             self.report.unread_netns(scan.unread_netns, self.scanner.netns_problem)
         self._update_status()
+        self._publish()
 
     def _listening(self) -> Iterable[Listener]:
         return self.snapshot.listeners.values() if self.snapshot is not None else ()
@@ -254,7 +270,9 @@ class Daemon:
 
     def _scan(self, *, early: bool) -> ScanResult:
         """Scan into self.snapshot (an incomplete scan keeps what it could not see); say nothing."""
-        self.pace.scanning(self.clock())
+        began = self.clock()
+        began_wall = self.wall()
+        self.pace.scanning(began)
         hints, execs = self.pace.take()
         self.scanner.forget_processes(execs)
         scan = self.scanner.scan_early if early else self.scanner.scan
@@ -262,7 +280,10 @@ class Daemon:
         result = scan(self.snapshot, protocols, hints=hints, on_progress=self._ping_watchdog)
         if self.scanner.searched:  # its transient dicts leave freed heap pages resident
             release_free_heap()
+        if self.metrics is not None:
+            self.metrics.scanned(self.clock() - began)
         if result.snapshot is not None:
+            self._last_scan_wall = began_wall
             previous = self.snapshot
             self.snapshot = result.snapshot if previous is None else carry_forward(previous, result.snapshot)
         return result
@@ -277,6 +298,7 @@ class Daemon:
         except OSError as exc:
             self.report.unsaved(self.state.path, exc)
             return
+        self.report.saved()
         self.saves.saved(now)
 
     # -- reload ----------------------------------------------------------------
@@ -295,10 +317,14 @@ class Daemon:
         if not signal_requested and not self.watcher.matches():
             pass  # changed again while read (being rewritten): judged once it is complete
         elif new is None:
-            self._rejected = True
-            self.emit("config_rejected", {"path": path, "error": "; ".join(problems or ())})
-        elif new != self.config or signal_requested or self._rejected:  # else touched, not changed
+            self._reject(path, "; ".join(problems or ()))
+        elif (refused := self._configure_metrics(new.metrics)) is not None:
+            self._reject(path, f"metrics.listen: {refused}; the metrics stay where they were")
+        elif new == self.config and not (signal_requested or self._rejected or self._metrics_problem):
+            pass  # touched, not changed
+        else:
             self._rejected = False
+            self._metrics_problem = None
             self.config = new
             self.pace.interval = new.interval
             self.hooks.configure(max_parallel=new.max_parallel_hooks, cooldown=new.hook_cooldown)
@@ -307,7 +333,52 @@ class Daemon:
             self.scanner.watch_namespaces(new.netns == "all")
             self.saves.dirty |= self.report.reconfigured(new, self._listening())
             self._update_status()
+            self._publish()
         self.notifier.ready(self._status_text())
+
+    def _reject(self, path: str, error: str) -> None:
+        self._rejected = True
+        self.emit("config_rejected", {"path": path, "error": error})
+
+    # -- metrics -----------------------------------------------------------------------
+
+    def emit(self, event: str, fields: Mapping[str, Any]) -> None:
+        """Every event goes to the log, and is counted when there are metrics (any thread)."""
+        self.log.emit(event, fields)
+        if self.metrics is not None:
+            self._emitted = True
+            self.metrics.count(event, fields)
+
+    def _configure_metrics(self, settings: MetricsSettings | None) -> str | None:
+        """Serve and write the metrics as `settings` say: the problem, keeping the old, if not."""
+        if settings is None and self.metrics is None:
+            return None
+        if self.metrics is None:
+            from portwatch.metrics import Metrics  # noqa: PLC0415 (its library only when asked for)
+
+            self.metrics = Metrics()
+        if self._selector is not None and self.metrics.fileno() is not None:
+            self._selector.unregister(self.metrics.fileno())  # type: ignore[arg-type]
+        problem = self.metrics.apply(settings)
+        fd = self.metrics.fileno()
+        if self._selector is not None and fd is not None:
+            self._selector.register(fd, selectors.EVENT_READ, "metrics")
+        return problem
+
+    def _publish(self) -> None:
+        """Hand the state to the metrics (and the textfile) after a scan or a reload."""
+        if self.metrics is None:
+            return
+        metrics = self.metrics
+        self.report.metrics_unavailable(self._metrics_problem or metrics.unwritten)
+        metrics.publish(Published(
+            self.config, self.snapshot, frozenset(self.report.judge.taken()),
+            frozenset(self.report.degraded), self._last_scan_wall))
+        before = metrics.unwritten
+        metrics.write(self.clock(), changed=self._emitted)
+        self._emitted = False
+        if metrics.unwritten != before:  # said now; the gauge says it from the next scan
+            self.report.metrics_unavailable(self._metrics_problem or metrics.unwritten)
 
     # -- watchdog and status -------------------------------------------------------
 
@@ -329,6 +400,18 @@ class Daemon:
         if text != self._last_status:
             self._last_status = text
             self.notifier.status(text)
+
+
+def _metrics_where(metrics: Metrics | None) -> str | None:
+    if metrics is None:
+        return None
+    where = []
+    if metrics.listening is not None:
+        address, port = metrics.listening
+        where.append(f"http://{f'[{address}]' if ':' in address else address}:{port}/metrics")
+    if metrics.textfile is not None:
+        where.append(metrics.textfile)
+    return " and ".join(where) or None
 
 
 def restore(state: StateStore | None) -> tuple[SavedState | None, tuple[str, dict[str, Any]] | None]:

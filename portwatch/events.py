@@ -140,6 +140,7 @@ _MESSAGES = {
     "scan_failed": "scan {failed}, nothing is reported closed until it succeeds: {error}",
     "scan_recovered": "scans whole again (after: {error})",
 }
+KNOWN_EVENTS = frozenset(_MESSAGES)
 _UNIDENTIFIED = (
     "reserved port {where} (rule {rule}) is held by a process portwatch cannot identify ({unresolved})"
 )

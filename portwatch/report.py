@@ -41,6 +41,7 @@ class Reporter:
         self.seen: dict[int, float] = {}  # inode -> when first seen (wall clock), for holder_since
         self._failure: str | None = None  # the scan failure last said, until a whole scan
         self._said: set[str] = set()  # degraded reasons already said (once each)
+        self.degraded: set[str] = set()  # what is degraded now, by gauges.DEGRADED_REASONS
 
     def changes(
         self, previous: Snapshot, snap: Snapshot, *, while_down: bool = False,
@@ -134,6 +135,7 @@ class Reporter:
 
     def journal_unreadable(self, problem: str | None) -> None:
         """Once: conflicts cannot be seen, because the journal cannot be followed."""
+        self._now("journal", problem is not None)
         if problem is not None and self._first("journal"):
             self.emit("degraded", {
                 "reason": f"cannot follow the journal for failed binds: {problem}; "
@@ -154,9 +156,11 @@ class Reporter:
         elif error is None and self._failure is not None:
             self.emit("scan_recovered", {"error": self._failure})
         self._failure = error
+        self._now("scan_failed", error is not None)
 
     def denied(self, snap: Snapshot, capabilities: Callable[[], int | None]) -> None:
         """Once: some owners cannot be seen, and what would fix it (capabilities read only then)."""
+        self._now("permission_denied", snap.denied_pids > 0)
         if snap.denied_pids and self._first("denied"):
             what = "process" if snap.denied_pids == 1 else "processes"
             self.emit("degraded", {
@@ -168,6 +172,7 @@ class Reporter:
 
     def unattributed(self, problem: str | None) -> None:
         """Once: systemd holds listeners whose socket units could not be had."""
+        self._now("socket_units", problem is not None)
         if problem is not None and self._first("socket_units"):
             self.emit("degraded", {
                 "reason": f"socket units could not be resolved: {problem}; listeners the service "
@@ -179,6 +184,7 @@ class Reporter:
         """Once per namespace while it lasts: no process is left to read it through, and it
         cannot be entered."""
         names = set(names)
+        self._now("netns_unread", bool(names))
         self._said = {k for k in self._said if not k.startswith("netns ") or k[6:] in names}
         for name in sorted(names):
             if self._first(f"netns {name}"):
@@ -192,12 +198,33 @@ class Reporter:
 
     def unsaved(self, path: str, exc: OSError) -> None:
         """Once: the state file cannot be written."""
+        self._now("state_unsaved", True)
         if self._first("state"):
             self.emit("degraded", {
                 "reason": f"cannot save state to {path}: {exc.strerror or exc}; "
                 "changes while portwatch is down will not be reported after a restart",
                 "missing": "a writable state directory",
             })
+
+    def saved(self) -> None:
+        self._now("state_unsaved", False)
+
+    def metrics_unavailable(self, problem: str | None) -> None:
+        """Once per problem: the metrics cannot be served or written (the rest goes on)."""
+        self._now("metrics", problem is not None)
+        if problem is not None and self._first(f"metrics {problem}"):
+            self.emit("degraded", {
+                "reason": f"metrics: {problem}; everything else is reported",
+                "missing": "a free address for metrics.listen, or a writable directory for metrics.textfile",
+            })
+        elif problem is None:
+            self._said = {k for k in self._said if not k.startswith("metrics ")}
+
+    def _now(self, reason: str, degraded: bool) -> None:
+        if degraded:
+            self.degraded.add(reason)
+        else:
+            self.degraded.discard(reason)
 
     def _first(self, reason: str) -> bool:
         first = reason not in self._said

@@ -14,11 +14,11 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portwatch"
 LAYERS = [
     {"__init__", "model", "text", "closing"},
     {"procfs", "snapshot", "policy", "config", "events", "render", "access", "holders", "schedule",
-     "judge", "pace", "yamlread", "bindfail", "conflicts", "why", "netns"},
+     "judge", "pace", "yamlread", "bindfail", "conflicts", "why", "netns", "gauges"},
     {"activation"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
     {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state", "sdbus", "bindcheck",
-     "journalfollow"},
+     "journalfollow", "metrics"},
     {"walk", "namespaces"},
     {"scan", "log", "report"},
     {"conflictwatch"},
@@ -95,9 +95,11 @@ def test_one_shot_views_import_little() -> None:
     loaded = _modules_after("from portwatch.cli import build_parser; build_parser().parse_args(['list'])")
     loaded -= _modules_after("pass")  # what the interpreter loads anyway (site, an editable install's hook)
     heavy = {"dataclasses", "inspect", "ipaddress", "json", "shutil", "structlog", "yaml", "pyinotify",
-             "jeepney"}
+             "jeepney", "prometheus_client"}
     assert not loaded & heavy
-    assert "jeepney" not in _modules_after("import portwatch.daemon")  # only once systemd holds a listener
+    daemon = _modules_after("import portwatch.daemon")
+    assert "jeepney" not in daemon  # only once systemd holds a listener
+    assert "prometheus_client" not in daemon  # only when the config asks for metrics
 
 
 def test_the_daemon_does_not_load_asyncio_for_structlog() -> None:

@@ -16,6 +16,7 @@ from portwatch.config import (
     Config,
     ConfigError,
     HookSpec,
+    MetricsSettings,
     load_config,
     parse_config,
 )
@@ -28,7 +29,7 @@ P = "/cfg/pw.yaml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "portwatch.yaml"
 TOP_KEYS = (
     "interval, protocols, log_listeners, reserved, hooks, hook_cooldown, max_parallel_hooks, "
-    "state_dir, follow_journal, conflict_hooks, netns"
+    "state_dir, follow_journal, conflict_hooks, netns, metrics"
 )
 
 
@@ -122,6 +123,13 @@ def test_full_config_parses_into_values() -> None:
     )
     assert isinstance(config.interval, float)
     assert isinstance(config.hooks["page-oncall"].timeout, float)
+
+
+def test_metrics_settings_parse() -> None:
+    both = parse_config('metrics:\n  listen: "[::1]:9948"\n  textfile: /var/lib/n/pw.prom\n', P).metrics
+    assert both == MetricsSettings(listen=("::1", 9948), textfile="/var/lib/n/pw.prom")
+    assert parse_config('metrics: {listen: "0.0.0.0:80"}\n', P).metrics == MetricsSettings(listen=("0.0.0.0", 80))
+    assert parse_config("interval: 1\n", P).metrics is None
 
 
 def test_null_sections_mean_empty_or_unset() -> None:
@@ -681,6 +689,39 @@ ERRORS: list[tuple[str, str, list[str]]] = [
         [f"{P}:4: reserved[0].hooks[1]: hook 'h' is listed twice"],
     ),
     (
+        "metrics-empty",
+        "metrics: {}\n",
+        [f"{P}:1: metrics: needs listen (an address:port to serve) or textfile (a path)"],
+    ),
+    (
+        "metrics-host-name",
+        "metrics:\n  listen: localhost:9948\n",
+        [f"{P}:2: metrics.listen: 'localhost' is not an IPv4 address; expected an IP address and a port, "
+         'e.g. "127.0.0.1:9948" or "[::1]:9948"'],
+    ),
+    (
+        "metrics-ipv6-without-brackets",
+        'metrics:\n  listen: "::1:9948"\n',
+        [f'{P}:2: metrics.listen: an IPv6 address goes in brackets ("[::1]:9948"), not \'::1:9948\''],
+    ),
+    (
+        "metrics-port-zero-and-textfile-relative",
+        'metrics:\n  listen: "127.0.0.1:0"\n  textfile: portwatch.prom\n',
+        [f'{P}:2: metrics.listen: must be an IP address and a port, e.g. "127.0.0.1:9948" or "[::1]:9948", '
+         "not '127.0.0.1:0'"],
+    ),
+    (
+        "metrics-textfile-not-prom",
+        "metrics:\n  textfile: /var/lib/node/portwatch.txt\n",
+        [f"{P}:2: metrics.textfile: must be an absolute path ending in .prom (node_exporter reads only "
+         "those), not '/var/lib/node/portwatch.txt'"],
+    ),
+    (
+        "metrics-not-a-mapping",
+        'metrics: "127.0.0.1:9948"\n',
+        [f"{P}:1: metrics: must be a mapping with listen or textfile, not the string '127.0.0.1:9948'"],
+    ),
+    (
         "hostile-value-is-escaped",
         'interval: "a\\nb\\e[31m\\u202e"\n',
         [f"{P}:1: interval: must be a number, not the string 'a\\nb\\x1b[31m\\u202e'"],
@@ -884,6 +925,9 @@ _WORDS = [
     "hook_cooldown",
     "max_parallel_hooks",
     "state_dir",
+    "metrics",
+    "listen",
+    "textfile",
     "name",
     "ports",
     "proto",

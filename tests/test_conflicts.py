@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PROGRAMS, Holder, free_ports, start_holder
 from tests.systemd_sandbox import Sandbox, field_bytes
@@ -77,6 +79,8 @@ reserved:
     ports: [{py}]
     allow:
       - unit: pyfail.service
+metrics:
+  listen: "127.0.0.1:{metrics}"
 """
 
 
@@ -135,8 +139,8 @@ def scene(systemd_sandbox: Sandbox) -> Iterator[Scene]:
     if not Path(NGINX).exists():
         pytest.fail(f"{NGINX} is missing: .ci/run installs nginx-light (never started on the host)")
     work = sandbox.workdir
-    web, sock, py, forge, flood = free_ports(5)
-    ports = {"web": web, "sock": sock, "py": py, "forge": forge, "flood": flood}
+    web, sock, py, forge, flood, metrics = free_ports(6)
+    ports = {"web": web, "sock": sock, "py": py, "forge": forge, "flood": flood, "metrics": metrics}
     shutil.copy2(PROGRAMS / "listener.py", work)
     files = {"nginx.conf": NGINX_CONF, "pyfail.py": PYFAIL, "forge.py": FORGE, "flood.py": FLOOD,
              "conflicts.yaml": CONFIG}
@@ -191,6 +195,11 @@ def test_nginx_blocked_by_a_squatter_is_one_conflict_naming_both(scene: Scene) -
     assert conflict["PORTWATCH_BLOCKED_PID"] == lines[0]["_PID"]
     scene.scanned(invocation)  # a scan later, still just one
     assert len(scene.events(invocation, "PORTWATCH_EVENT=port_conflict")) == 1
+    # Counted for Prometheus by the blocked unit (the restart above started the count afresh).
+    with urllib.request.urlopen(f"http://127.0.0.1:{scene.ports['metrics']}/metrics", timeout=10) as response:
+        counted = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(response.read().decode()) for s in family.samples}
+    assert counted["portwatch_port_conflicts_total", (("blocked_unit", "nginx.service"), ("rule", ""))] == 1
 
 
 def test_a_socket_unit_on_a_taken_port(scene: Scene) -> None:

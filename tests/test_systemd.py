@@ -14,12 +14,14 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import PROGRAMS, ROOT, Holder, free_port, start_holder
 from tests.systemd_sandbox import Sandbox, field_bytes
@@ -46,7 +48,7 @@ def exposure(output: str) -> float:
 @dataclass
 class Installed:
     sandbox: Sandbox
-    ports: tuple[int, int, int]
+    ports: tuple[int, int, int, int, int]  # four reserved, then the metrics listener's
     config: Path  # the good config (host path; the same path inside the sandbox)
     bad_config: Path
     programs: Path
@@ -147,6 +149,8 @@ hooks:
   detach:
     command: [/usr/bin/python3, {programs}/misbehave_hook.py, detach, {hook_dir}/detached.pid, "300"]
     timeout: 10
+metrics:
+  listen: "127.0.0.1:{p5}"
 """
 
 
@@ -162,10 +166,11 @@ def installed(systemd_sandbox: Sandbox) -> Iterator[Installed]:
     etc = sandbox.workdir / "etc"
     etc.mkdir()
     etc.chmod(0o755)
-    ports = (free_port(), free_port(), free_port(), free_port())
+    ports = (free_port(), free_port(), free_port(), free_port(), free_port())
     config = etc / "portwatch.yaml"
     config.write_text(
-        CONFIG.format(p1=ports[0], p2=ports[1], p3=ports[2], p4=ports[3], programs=programs, hook_dir=HOOK_DIR)
+        CONFIG.format(p1=ports[0], p2=ports[1], p3=ports[2], p4=ports[3], p5=ports[4], programs=programs,
+                      hook_dir=HOOK_DIR)
     )
     bad = etc / "bad.yaml"
     bad.write_text("interval: -1\nunknown_key: 1\n")
@@ -477,6 +482,37 @@ def test_the_hardened_unit_sees_other_network_namespaces(running: Installed) -> 
 def test_loaded_unit_exposure_is_at_most_2(running: Installed) -> None:
     done = running.sandbox.run("systemd-analyze", "security", "--no-pager", UNIT)
     assert exposure(done.stdout) <= MAX_EXPOSURE, done.stdout
+    assert "metrics:" in running.config.read_text()  # with its metrics listener on
+
+
+def test_the_hardened_unit_serves_its_metrics(running: Installed) -> None:
+    """Scraped from outside the unit: a squatter shows, attributed under the unit's hardening
+    (nothing denied), and shows no more once it leaves."""
+    port, metrics = running.ports[0], running.ports[4]
+
+    def violation() -> float | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                 for family in text_string_to_metric_families(text) for s in family.samples}
+        assert found["portwatch_degraded", (("reason", "permission_denied"),)] == 0
+        assert found["portwatch_degraded", (("reason", "metrics"),)] == 0
+        return found.get(("portwatch_reserved_port_violation",
+                          (("port", str(port)), ("proto", "tcp"), ("rule", "testsvc"))))
+
+    assert violation() == 0
+    intruder = running.start_intruder(port)
+    try:
+        deadline = time.monotonic() + 10
+        while violation() != 1:
+            assert time.monotonic() < deadline, "the squatter never showed in the metrics"
+            time.sleep(0.1)
+    finally:
+        running.stop_intruder(intruder)
+    deadline = time.monotonic() + 10
+    while violation() != 0:
+        assert time.monotonic() < deadline, "the squatter's departure never showed in the metrics"
+        time.sleep(0.1)
 
 
 def test_stop_is_clean_and_kills_escaped_hook_grandchildren(running: Installed) -> None:
