@@ -318,13 +318,14 @@ class Daemon:
             pass  # changed again while read (being rewritten): judged once it is complete
         elif new is None:
             self._reject(path, "; ".join(problems or ()))
-        elif (refused := self._configure_metrics(new.metrics)) is not None:
+        elif (refused := self._configure_metrics(new.metrics)) and self._serving_metrics():
             self._reject(path, f"metrics.listen: {refused}; the metrics stay where they were")
-        elif new == self.config and not (signal_requested or self._rejected or self._metrics_problem):
+        elif new == self.config and refused == self._metrics_problem and not signal_requested \
+                and not self._rejected:
             pass  # touched, not changed
         else:
             self._rejected = False
-            self._metrics_problem = None
+            self._metrics_problem = refused  # with no listener to keep, the rest applies (degraded)
             self.config = new
             self.pace.interval = new.interval
             self.hooks.configure(max_parallel=new.max_parallel_hooks, cooldown=new.hook_cooldown)
@@ -357,13 +358,18 @@ class Daemon:
             from portwatch.metrics import Metrics  # noqa: PLC0415 (its library only when asked for)
 
             self.metrics = Metrics()
-        if self._selector is not None and self.metrics.fileno() is not None:
-            self._selector.unregister(self.metrics.fileno())  # type: ignore[arg-type]
-        problem = self.metrics.apply(settings)
         fd = self.metrics.fileno()
         if self._selector is not None and fd is not None:
-            self._selector.register(fd, selectors.EVENT_READ, "metrics")
-        return problem
+            self._selector.unregister(fd)  # first: a new listener may get the same fd number
+        try:
+            return self.metrics.apply(settings)
+        finally:
+            fd = self.metrics.fileno()
+            if self._selector is not None and fd is not None:
+                self._selector.register(fd, selectors.EVENT_READ, "metrics")
+
+    def _serving_metrics(self) -> bool:
+        return self.metrics is not None and self.metrics.listening is not None
 
     def _publish(self) -> None:
         """Hand the state to the metrics (and the textfile) after a scan or a reload."""

@@ -12,11 +12,13 @@ thread, so a slow client cannot hold up a scan.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from socketserver import TCPServer, ThreadingMixIn
@@ -40,6 +42,7 @@ from portwatch import __version__
 from portwatch.config import MetricsSettings
 from portwatch.events import KNOWN_EVENTS
 from portwatch.gauges import DEGRADED_REASONS, Published, listener_counts, violations
+from portwatch.model import endpoint
 
 # `_created` series double what a counter costs and node_exporter's textfile collector
 # has no use for them.
@@ -58,8 +61,13 @@ class Metrics:
     """The registry, the counters the daemon feeds, and where the metrics go."""
 
     def __init__(self) -> None:
-        self.registry = registry = CollectorRegistry()
-        ProcessCollector(registry=registry)  # CPU, memory, fds (not GC or platform: a scrape pays per sample)
+        self.registry = registry = CollectorRegistry()  # portwatch's own: also the textfile's
+        # Served over HTTP with the process's CPU, memory and fds, which node_exporter gives for
+        # itself (the textfile's would clash); not GC or platform: a scrape pays per sample.
+        self.http = CollectorRegistry()
+        self.http.register(registry)
+        ProcessCollector(registry=self.http)
+        self.started = time.time()
         self.events = Counter("portwatch_events", "Events portwatch emitted, by event name.",
                               ["event"], registry=registry)
         for name in sorted(KNOWN_EVENTS):
@@ -112,23 +120,45 @@ class Metrics:
     # -- where they go ------------------------------------------------------------------------
 
     def apply(self, settings: MetricsSettings | None) -> str | None:
-        """Serve and write as `settings` say; on a problem keep what was and return it."""
+        """Serve and write as `settings` say, or say why the listen address cannot be had. Then,
+        with a listener running, nothing changes (the caller refuses the config); without one,
+        the rest applies (the caller goes on without metrics over HTTP, and says so)."""
         listen = settings.listen if settings is not None else None
         if listen != self.listening:
-            server = None
-            if listen is not None:
-                try:
-                    server = _Server(listen, self.registry)
-                except OSError as exc:
-                    return f"cannot listen on {_endpoint(listen)}: {exc.strerror or exc}"
-            self.close_listener()
-            self._server, self.listening = server, listen
+            problem = self._listen(listen)
+            if problem is not None and self.listening is not None:
+                return problem
+        else:
+            problem = None
         textfile = settings.textfile if settings is not None else None
         if textfile != self.textfile:
             if self.textfile is not None:
                 with contextlib.suppress(OSError):
                     Path(self.textfile).unlink()  # turned off: node_exporter must not keep stale values
             self.textfile, self._written_at, self.unwritten = textfile, float("-inf"), None
+        return problem
+
+    def _listen(self, listen: tuple[str, int] | None) -> str | None:
+        """Move the listener to `listen` (None: none); the problem, keeping the old one, if not."""
+        old = self.listening
+        if listen is None:
+            self.close_listener()
+            return None
+        try:
+            server = _Server(listen, self.http)
+        except OSError as exc:
+            if not (exc.errno == errno.EADDRINUSE and old is not None and old[1] == listen[1]):
+                return f"cannot listen on {endpoint(*listen)}: {exc.strerror or exc}"
+            # The same port on another address (127.0.0.1 -> 0.0.0.0): ours is in the way.
+            self.close_listener()
+            try:
+                server = _Server(listen, self.http)
+            except OSError as again:
+                with contextlib.suppress(OSError):
+                    self._server, self.listening = _Server(old, self.http), old
+                return f"cannot listen on {endpoint(*listen)}: {again.strerror or again}"
+        self.close_listener()
+        self._server, self.listening = server, listen
         return None
 
     def fileno(self) -> int | None:
@@ -198,11 +228,14 @@ class _StateCollector(Collector):
         interval = GaugeMetricFamily("portwatch_scan_interval_seconds", "The configured scan interval.")
         interval.add_metric([], state.config.interval)
         yield interval
-        if state.last_scan is not None:
-            last = GaugeMetricFamily("portwatch_last_scan_timestamp_seconds",
-                                     "When the last scan that worked began, in seconds since the epoch.")
-            last.add_metric([], state.last_scan)
-            yield last
+        last = GaugeMetricFamily("portwatch_last_scan_timestamp_seconds", "When the last scan that "
+                                 "worked began, in seconds since the epoch (0: none has worked yet).")
+        last.add_metric([], state.last_scan or 0)
+        yield last
+        started = GaugeMetricFamily("portwatch_start_time_seconds", "When these counters started: "
+                                    "portwatch's start, or the reload that turned metrics on.")
+        started.add_metric([], self.metrics.started)
+        yield started
 
 
 class _Handler(WSGIRequestHandler):
@@ -246,6 +279,9 @@ class _Server(ThreadingMixIn, WSGIServer):
             with self._lock:
                 self._busy -= 1
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that resets mid-request is not worth a traceback on the daemon's stderr."""
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks the resolver for the host's name: not in the daemon's loop.
         TCPServer.server_bind(self)
@@ -253,6 +289,3 @@ class _Server(ThreadingMixIn, WSGIServer):
         self.setup_environ()
 
 
-def _endpoint(listen: tuple[str, int]) -> str:
-    address, port = listen
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

@@ -10,6 +10,7 @@ import platform
 import queue
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, DaemonProcess, Holder, free_port, free_ports
+from tests.conftest import ROOT, DaemonProcess, Holder, free_port, free_ports, run_python
 
 ALERTS = ROOT / "etc" / "prometheus" / "portwatch-alerts.yml"
 ALERT_TESTS = ROOT / "tests" / "prometheus" / "portwatch-alerts.test.yml"
@@ -162,6 +163,37 @@ def test_a_reload_rebinds_and_refuses_an_address_in_use(
         fetch(second)
 
 
+SAME_PORT = """
+import sys, urllib.request
+from portwatch.config import MetricsSettings
+from portwatch.metrics import Metrics
+metrics, port = Metrics(), int(sys.argv[1])
+assert metrics.apply(MetricsSettings(listen=("127.0.0.1", port))) is None
+assert metrics.apply(MetricsSettings(listen=("0.0.0.0", port))) is None, "ours was in the way"
+assert metrics.listening == ("0.0.0.0", port)
+import socket
+busy = socket.create_server(("0.0.0.0", port + 1))  # someone else's, on another port
+print(metrics.apply(MetricsSettings(listen=("0.0.0.0", port + 1))))
+assert metrics.listening == ("0.0.0.0", port)  # kept
+import select, threading
+def serve_one():  # what the daemon's loop does when the listener is readable
+    select.select([metrics.fileno()], [], [], 10)
+    metrics.serve()
+threading.Thread(target=serve_one).start()
+assert b"portwatch_events_total" in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+"""
+
+
+@pytest.mark.root
+def test_the_same_port_moves_to_another_address() -> None:
+    """127.0.0.1:P -> 0.0.0.0:P: the old listener is what is in the way (in a network namespace of
+    the test's own, where 0.0.0.0 is loopback only)."""
+    prefix = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    done = run_python(SAME_PORT, "9948", prefix=prefix)  # any port: the namespace is empty
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "cannot listen on *:9949: Address already in use\n", done.stdout
+
+
 def test_idle_connections_cannot_take_a_thread_each(tmp_path: Path, daemons: Callable[..., DaemonProcess]) -> None:
     """A local user holding connections open gets MAX_REQUESTS threads, no more; scrapes come back
     when they close."""
@@ -178,6 +210,22 @@ def test_idle_connections_cannot_take_a_thread_each(tmp_path: Path, daemons: Cal
             connection.close()
     wait_until(lambda: samples(fetch(mport)) if _answers(mport) else {},
                lambda f: value(f, "portwatch_events_total", event="portwatch_started") == 1)
+
+
+def test_a_client_resetting_mid_request_leaves_no_trace_on_stderr(
+    tmp_path: Path, daemons: Callable[..., DaemonProcess],
+) -> None:
+    port, mport = free_ports(2)
+    d = daemons(config(tmp_path / "pw.yaml", port, listen(mport)))
+    d.started()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", mport)) as half:
+            half.sendall(b"GET /metrics HTTP/1.1\r\nHost")
+            half.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+    wait_until(lambda: samples(fetch(mport)) if _answers(mport) else {},
+               lambda f: value(f, "portwatch_events_total", event="portwatch_started") == 1)
+    assert d.stop() == 0
+    assert d.stderr == b"", d.stderr
 
 
 def _answers(port: int) -> bool:
@@ -200,6 +248,9 @@ def test_an_address_in_use_at_start_is_degraded_and_retried_at_reload(
         assert degraded["reason"].startswith(f"metrics: cannot listen on 127.0.0.1:{mport}: ")
         holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1", "port": port}])
         d.wait_event("reserved_port_taken", port=port)  # the watch goes on
+        # No listener to keep: a reload while the address is still taken applies the rest.
+        reload(d, path, path.read_text().replace("interval: 0.2", "interval: 0.3"), "config_reloaded")
+        assert d.count("config_rejected") == 0
     reload(d, path, path.read_text(), "config_reloaded")
     found = samples(fetch(mport))
     assert value(found, "portwatch_reserved_port_violation", rule="guarded", proto="tcp", port=str(port)) == 1
@@ -221,6 +272,7 @@ def test_the_textfile_is_replaced_whole_readable_and_removed_when_turned_off(
 
     wait_until(read, lambda f: value(f, "portwatch_events_total", event="portwatch_started") == 1)
     assert textfile.stat().st_mode & 0o777 == 0o644  # node_exporter runs as another user
+    assert "\nprocess_" not in textfile.read_text()  # node_exporter's own would clash
     holders([{"proto": "tcp", "family": 4, "address": "127.0.0.1", "port": port}])
     wait_until(read, lambda f: value(
         f, "portwatch_reserved_port_violation", rule="guarded", proto="tcp", port=str(port)) == 1)
@@ -431,6 +483,10 @@ def test_a_squatter_reaches_alertmanager_and_its_departure_resolves_it(
     assert firing["annotations"]["summary"] == f"Reserved tcp port {port} taken on 127.0.0.1:{target}"
     squatter.stop()
     receiver.wait("resolved", wanted, timeout=30)
+    if output == "textfile":  # node_exporter took the file whole, with nothing clashing with its own
+        assert "portwatch_scan_duration_seconds_count" in fetch(target)
+        log = (tmp_path / "node_exporter.log").read_text()
+        assert "collected before" not in log and "level=error" not in log, log
 
 
 def test_the_readmes_fleet_configs_pass_promtool_and_amtool(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ class Installed:
     config: Path  # the good config (host path; the same path inside the sandbox)
     bad_config: Path
     programs: Path
+    collector: Path  # node_exporter's textfile directory: root's, group portwatch, 0775
 
     def drop_in(self, *, config: Path | None = None, extra_args: str = "") -> None:
         """Point the unit at the venv and a config, with short watchdog and restart times."""
@@ -62,6 +63,8 @@ class Installed:
             f"{' ' + extra_args if extra_args else ''}\n"
             f"WatchdogSec={WATCHDOG_SEC}s\n"
             "RestartSec=200ms\n"
+            # As the README says for metrics.textfile: the collector's directory, writable.
+            f"ReadWritePaths={self.collector}\n"
         )
         path = self.sandbox.path(f"/run/systemd/system/{UNIT}.d/test.conf")
         path.parent.mkdir(exist_ok=True)
@@ -151,6 +154,7 @@ hooks:
     timeout: 10
 metrics:
   listen: "127.0.0.1:{p5}"
+  textfile: {collector}/portwatch.prom
 """
 
 
@@ -167,17 +171,21 @@ def installed(systemd_sandbox: Sandbox) -> Iterator[Installed]:
     etc.mkdir()
     etc.chmod(0o755)
     ports = (free_port(), free_port(), free_port(), free_port(), free_port())
+    collector = sandbox.workdir / "collector"
     config = etc / "portwatch.yaml"
     config.write_text(
         CONFIG.format(p1=ports[0], p2=ports[1], p3=ports[2], p4=ports[3], p5=ports[4], programs=programs,
-                      hook_dir=HOOK_DIR)
+                      hook_dir=HOOK_DIR, collector=collector)
     )
     bad = etc / "bad.yaml"
     bad.write_text("interval: -1\nunknown_key: 1\n")
     for path in (config, bad):
         path.chmod(0o644)
     sandbox.install_portwatch(UNIT)
-    unit = Installed(sandbox, ports, config, bad, programs)
+    collector.mkdir()
+    sandbox.run("chgrp", "portwatch", str(collector))  # the README's way, with the sandbox's user
+    collector.chmod(0o775)
+    unit = Installed(sandbox, ports, config, bad, programs, collector)
     unit.drop_in()
     yield unit
     sandbox.systemctl("stop", UNIT, check=False)
@@ -501,6 +509,14 @@ def test_the_hardened_unit_serves_its_metrics(running: Installed) -> None:
                           (("port", str(port)), ("proto", "tcp"), ("rule", "testsvc"))))
 
     assert violation() == 0
+    textfile = running.collector / "portwatch.prom"
+    deadline = time.monotonic() + 10
+    while not textfile.exists():
+        assert time.monotonic() < deadline, "the unit never wrote its textfile"
+        time.sleep(0.1)
+    assert textfile.stat().st_mode & 0o777 == 0o644
+    text = textfile.read_text()
+    assert "portwatch_reserved_port_violation{" in text and "\nprocess_" not in text
     intruder = running.start_intruder(port)
     try:
         deadline = time.monotonic() + 10
