@@ -98,7 +98,6 @@ class Daemon:
         self.log = log
         self.metrics: Metrics | None = None  # made when the config first asks for metrics
         self._metrics_problem: str | None = None  # why the listener could not be had
-        self._emitted = False  # an event since the metrics were last published
         self.scanner = scanner
         self.notifier = notifier or Notifier()
         self.clock = clock
@@ -164,7 +163,7 @@ class Daemon:
             "socket_source": self.scanner.active_source, "netlink_unavailable": self.scanner.fallback_reason,
             "config_watch": self.watcher.mode, "config_watch_fallback": self.watcher.fallback_reason,
             "proc_events": self.proc_events is not None, "proc_events_unavailable": self.proc_events_reason,
-            "metrics": _metrics_where(self.metrics), "pid": os.getpid(),
+            "metrics": self.metrics.where() if self.metrics is not None else None, "pid": os.getpid(),
         })
         self._started = True
         if state_event is not None:
@@ -347,7 +346,6 @@ class Daemon:
         """Every event goes to the log, and is counted when there are metrics (any thread)."""
         self.log.emit(event, fields)
         if self.metrics is not None:
-            self._emitted = True
             self.metrics.count(event, fields)
 
     def _configure_metrics(self, settings: MetricsSettings | None) -> str | None:
@@ -381,8 +379,7 @@ class Daemon:
             self.config, self.snapshot, frozenset(self.report.judge.taken()),
             frozenset(self.report.degraded), self._last_scan_wall))
         before = metrics.unwritten
-        metrics.write(self.clock(), changed=self._emitted)
-        self._emitted = False
+        metrics.write(self.clock())
         if metrics.unwritten != before:  # said now; the gauge says it from the next scan
             self.report.metrics_unavailable(self._metrics_problem or metrics.unwritten)
 
@@ -406,18 +403,6 @@ class Daemon:
         if text != self._last_status:
             self._last_status = text
             self.notifier.status(text)
-
-
-def _metrics_where(metrics: Metrics | None) -> str | None:
-    if metrics is None:
-        return None
-    where = []
-    if metrics.listening is not None:
-        address, port = metrics.listening
-        where.append(f"http://{f'[{address}]' if ':' in address else address}:{port}/metrics")
-    if metrics.textfile is not None:
-        where.append(metrics.textfile)
-    return " and ".join(where) or None
 
 
 def restore(state: StateStore | None) -> tuple[SavedState | None, tuple[str, dict[str, Any]] | None]:

@@ -92,18 +92,19 @@ class Metrics:
         self.textfile: str | None = None
         self.unwritten: str | None = None  # why the textfile could not be written, last time
         self._written_at = float("-inf")
+        self._counted = False  # an event since the textfile was last written: write it now
 
     # -- what the daemon feeds -------------------------------------------------------------
 
     def count(self, event: str, fields: Mapping[str, Any]) -> None:
         """One emitted event (from any thread)."""
+        self._counted = True
         if event in KNOWN_EVENTS:
             self.events.labels(event).inc()
-        hook = fields.get("hook")
         if event in _HOOK_RESULTS or event == "hook_failed":
             result = _HOOK_RESULTS.get(event) or (
                 "failed" if fields.get("exit_code") is not None or fields.get("signal") else "error")
-            self.hook_runs.labels(str(hook), result).inc()
+            self.hook_runs.labels(str(fields.get("hook")), result).inc()
         elif event == "port_conflict":
             unit = str(fields.get("blocked_unit") or "")
             if unit not in self._units and len(self._units) >= MAX_BLOCKED_UNITS:
@@ -124,12 +125,9 @@ class Metrics:
         with a listener running, nothing changes (the caller refuses the config); without one,
         the rest applies (the caller goes on without metrics over HTTP, and says so)."""
         listen = settings.listen if settings is not None else None
-        if listen != self.listening:
-            problem = self._listen(listen)
-            if problem is not None and self.listening is not None:
-                return problem
-        else:
-            problem = None
+        problem = self._listen(listen) if listen != self.listening else None
+        if problem is not None and self.listening is not None:
+            return problem
         textfile = settings.textfile if settings is not None else None
         if textfile != self.textfile:
             if self.textfile is not None:
@@ -169,11 +167,13 @@ class Metrics:
         if self._server is not None:
             self._server.handle_request()
 
-    def write(self, now: float, *, changed: bool) -> None:
-        """Rewrite the textfile (atomically, world-readable for node_exporter) when something
-        changed or it is due; `unwritten` says why the last attempt failed (retried each time)."""
-        if self.textfile is None or (not changed and now - self._written_at < TEXTFILE_REFRESH):
+    def write(self, now: float) -> None:
+        """Rewrite the textfile (atomically, world-readable for node_exporter) when an event was
+        counted since the last time or it is due; `unwritten` says why the last attempt failed
+        (retried each time)."""
+        if self.textfile is None or (not self._counted and now - self._written_at < TEXTFILE_REFRESH):
             return
+        self._counted = False
         path = Path(self.textfile)
         try:
             fd, name = tempfile.mkstemp(prefix=".portwatch-", suffix=".tmp", dir=path.parent)
@@ -190,6 +190,16 @@ class Metrics:
             self.unwritten = f"cannot write {self.textfile}: {exc.strerror or exc}"
             return
         self._written_at, self.unwritten = now, None
+
+    def where(self) -> str | None:
+        """Where the metrics go, for `portwatch_started`."""
+        where = []
+        if self.listening is not None:
+            address, port = self.listening
+            where.append(f"http://{f'[{address}]' if ':' in address else address}:{port}/metrics")
+        if self.textfile is not None:
+            where.append(self.textfile)
+        return " and ".join(where) or None
 
     def close_listener(self) -> None:
         if self._server is not None:

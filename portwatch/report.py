@@ -211,14 +211,17 @@ class Reporter:
 
     def metrics_unavailable(self, problem: str | None) -> None:
         """Once per problem: the metrics cannot be served or written (the rest goes on)."""
-        self._now("metrics", problem is not None)
-        if problem is not None and self._first(f"metrics {problem}"):
+        if problem is None:
+            if "metrics" in self.degraded:  # recovered: a problem after this is said again
+                self._now("metrics", False)
+                self._said = {k for k in self._said if not k.startswith("metrics ")}
+            return
+        self._now("metrics", True)
+        if self._first(f"metrics {problem}"):
             self.emit("degraded", {
                 "reason": f"metrics: {problem}; everything else is reported",
                 "missing": "a free address for metrics.listen, or a writable directory for metrics.textfile",
             })
-        elif problem is None:
-            self._said = {k for k in self._said if not k.startswith("metrics ")}
 
     def _now(self, reason: str, degraded: bool) -> None:
         if degraded:
