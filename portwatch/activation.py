@@ -92,10 +92,29 @@ class UnitCache:
         self._lookup = lookup
         self._known: dict[int, Activation | None] = {}
         self.problem: str | None = None
+        self._applied: tuple[Snapshot | None, Snapshot] = (None, Snapshot({}))  # the last input, output
+        self._manager: dict[int, Listener] = {}  # the listeners of that input the manager holds
 
     def apply(self, snap: Snapshot) -> Snapshot:
-        # systemd's socket units are the host's: a container's own systemd holds its own.
-        held = [x for x in snap.listeners.values() if on_host(x) and any(map(is_manager, x.processes))]
+        if snap is self._applied[0]:
+            return self._applied[1]  # the tracker's unchanged snapshot: nothing to look at again
+        self._applied = (snap, self._apply(snap))
+        return self._applied[1]
+
+    def _apply(self, snap: Snapshot) -> Snapshot:
+        before = self._applied[0]
+        old = before.listeners if before is not None else {}
+        manager = self._manager
+        for inode, x in snap.listeners.items():
+            if old.get(inode) is not x:  # unchanged listeners are the same objects: looked at once
+                # systemd's socket units are the host's: a container's own systemd holds its own.
+                if on_host(x) and any(map(is_manager, x.processes)):
+                    manager[inode] = x
+                else:
+                    manager.pop(inode, None)
+        for inode in [i for i in manager if i not in snap.listeners]:
+            del manager[inode]
+        held = list(manager.values())
         # Sockets that closed are forgotten, so a reused inode number is asked about afresh.
         known = {x.socket.inode: self._known.get(x.socket.inode) for x in held}
         if any(x.socket.inode not in self._known for x in held):

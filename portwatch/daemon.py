@@ -16,7 +16,7 @@ import selectors
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 EX_CONFIG = 78  # the unit's RestartPreventExitStatus=
 EX_UNAVAILABLE = 69  # a required facility (netlink, when forced) is missing
-POLL_CONFIG_EVERY = 0.5  # seconds, when inotify is unavailable
+POLL_CONFIG_EVERY = 0.5  # seconds: polled this often without inotify; with it, asked no more often
 
 
 class ProcEvents(Protocol):
@@ -72,6 +72,7 @@ class Scans(Protocol):
     def netns_problem(self) -> str | None: ...
 
     def forget_processes(self, pids: Iterable[int]) -> None: ...
+    def peek(self, pids: Collection[int]) -> bool: ...
     def capabilities(self) -> int | None: ...
     def watch_namespaces(self, wanted: bool) -> None: ...
     def close(self) -> None: ...
@@ -126,6 +127,9 @@ class Daemon:
         self._started = False
         self._last_ping = 0.0
         self._last_status = ""
+        self._following = False  # the selector wakes for the proc connector's events
+        self._judged = 0  # the judge's changes when the state was last saved
+        self._config_checked = float("-inf")  # when the watcher was last asked
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -136,8 +140,6 @@ class Daemon:
         sel.register(rfd, selectors.EVENT_READ, "signal")
         if self.watcher.fileno() is not None:
             sel.register(self.watcher.fileno(), selectors.EVENT_READ, "config")  # type: ignore[arg-type]
-        if self.proc_events is not None:
-            sel.register(self.proc_events.fileno(), selectors.EVENT_READ, "proc")
         self.conflict_watch.selector = self._selector = sel
         try:
             self.start()
@@ -189,25 +191,33 @@ class Daemon:
             wake = min(self.pace.next_scan(now), self._next_ping(), conflict_due)
             if self.watcher.mode == "polling":
                 wake = min(wake, now + POLL_CONFIG_EVERY)
+            self._follow_proc_events(sel, not self.pace.waiting(now))
+            config_event = False
             for key, _ in sel.select(max(0.0, wake - now)):
                 if key.data == "signal":
                     _drain(rfd)
-                elif key.data == "proc" and self.proc_events is not None:
-                    self.pace.saw(self.proc_events.read_events(), self.clock())
+                elif key.data == "config":
+                    config_event = True
+                elif key.data == "proc":
+                    self._read_proc_events()
                 elif key.data == "journal":
-                    self.saves.dirty |= self.conflict_watch.read(self.clock(), self.config.reserved)
+                    self.saves.urgent |= self.conflict_watch.read(self.clock(), self.config.reserved)
                 elif key.data == "metrics" and self.metrics is not None:
                     self.metrics.serve()
             if self._stop:
                 break
-            edited = self.watcher.changed()  # asked even on a HUP: one reload answers both
-            if self._reload or edited:
-                self.reload(signal_requested=self._reload)
+            # Asked even on a HUP (one reload answers both); else on its own events, and no more
+            # often than it is polled: not at every wake-up of a busy host.
+            if self._reload or config_event or self.clock() >= self._config_checked + POLL_CONFIG_EVERY:
+                self._config_checked = self.clock()
+                if self.watcher.changed() or self._reload:
+                    self.reload(signal_requested=self._reload)
             now = self.clock()
             if now >= self.pace.next_scan(now):
-                self.tick(early=self.pace.early(now))
+                self._read_proc_events()  # the exits of what started meanwhile: nothing to look at
+                self._scan_when_due()
             reported = self.conflict_watch.report_due(self.clock(), self._scanned_after, self._listening())
-            self.saves.dirty |= reported
+            self.saves.urgent |= reported
             self._save_state(force=reported)  # a crash right after a report must not repeat it
             self._ping_watchdog()
 
@@ -232,6 +242,32 @@ class Daemon:
         self._reload = True  # repeated HUPs before the loop runs merge into one reload
 
     # -- scanning --------------------------------------------------------------
+
+    def _follow_proc_events(self, sel: selectors.BaseSelector, wanted: bool) -> None:
+        """Wake for the proc connector's events, or (an early scan coming) let them queue."""
+        if self.proc_events is None or wanted == self._following:
+            return
+        if wanted:
+            sel.register(self.proc_events.fileno(), selectors.EVENT_READ, "proc")
+        else:
+            sel.unregister(self.proc_events.fileno())
+        self._following = wanted
+
+    def _read_proc_events(self) -> None:
+        if self.proc_events is not None:
+            self.pace.saw(self.proc_events.read_events(), self.clock())
+
+    def _scan_when_due(self) -> None:
+        """A regular scan; or an early one, unless no young process holds a socket it did not
+        hold at the last look (then only the cadence moves on)."""
+        now = self.clock()
+        if now < self.pace.next_scan(now):
+            return
+        early = self.pace.early(now)
+        if early and not self.scanner.peek(self.pace.young(now)):
+            self.pace.scanning(now)
+            return
+        self.tick(early=early)
 
     def tick(self, *, early: bool = False) -> None:
         """One scan after the first: list, resolve owners, diff, judge, report. An early scan
@@ -272,7 +308,7 @@ class Daemon:
         began = self.clock()
         began_wall = self.wall()
         self.pace.scanning(began)
-        hints, execs = self.pace.take()
+        hints, execs = self.pace.take(began)
         self.scanner.forget_processes(execs)
         scan = self.scanner.scan_early if early else self.scanner.scan
         protocols = sorted(self.config.protocols)
@@ -289,6 +325,8 @@ class Daemon:
 
     def _save_state(self, *, force: bool = False) -> None:
         now = self.clock()
+        if self.report.judge.changes != self._judged:
+            self.saves.urgent = True
         if self.state is None or self.snapshot is None or not self.saves.due(now, force=force):
             return
         try:
@@ -299,6 +337,7 @@ class Daemon:
             return
         self.report.saved()
         self.saves.saved(now)
+        self._judged = self.report.judge.changes
 
     # -- reload ----------------------------------------------------------------
 
@@ -331,7 +370,7 @@ class Daemon:
             self.emit("config_reloaded", {"path": path, "reserved_rules": len(new.reserved)})
             self.conflict_watch.want(new.follow_journal, self.clock())
             self.scanner.watch_namespaces(new.netns == "all")
-            self.saves.dirty |= self.report.reconfigured(new, self._listening())
+            self.saves.urgent |= self.report.reconfigured(new, self._listening())
             self._update_status()
             self._publish()
         self.notifier.ready(self._status_text())

@@ -29,11 +29,12 @@ class Verdict(NamedTuple):
 
 
 class Judge:
-    __slots__ = ("_taken",)
+    __slots__ = ("_taken", "changes")
 
     def __init__(self) -> None:
         # inode -> the owners reported taking it, and their pids
         self._taken: dict[int, tuple[frozenset[Any], list[int]]] = {}
+        self.changes = 0  # how often `taken()` changed: the state file must follow soon
 
     def judge(
         self, listeners: Iterable[Listener], rule_for: RuleFor, *, at_startup: bool,
@@ -46,13 +47,14 @@ class Judge:
             rule = rule_for(sock.proto, sock.port, listener.netns)
             violation = evaluate(rule, listener) if rule is not None else None
             if rule is None or violation is None:
-                self._taken.pop(sock.inode, None)
+                self.closed(sock.inode)
                 continue
             identity = owner_identity(listener)
             said = self._taken.get(sock.inode)
             if said is not None and said[0] == identity:
                 continue
             self._taken[sock.inode] = (identity, sorted(listener.pids))
+            self.changes += 1
             _, fields = violation_event(violation, at_startup=at_startup)
             reported_before = known is not None and known.get(sock.inode) == list(listener.pids)
             if known is not None:
@@ -61,11 +63,13 @@ class Judge:
         return verdicts
 
     def closed(self, inode: int) -> None:
-        self._taken.pop(inode, None)
+        if self._taken.pop(inode, None) is not None:
+            self.changes += 1
 
     def reset(self) -> None:
         """Forget what was said (new rules): the next judgement reports every squatter again."""
         self._taken.clear()
+        self.changes += 1
 
     def taken(self) -> dict[int, list[int]]:
         """inode -> the pids reported taking it, for the state file."""

@@ -157,7 +157,10 @@ class Namespaces:
         protocols, families = tuple(protocols), tuple(families)
         self._check_bound()
         host = self.list_host(protocols, families)
-        table = TableRead(list(host.sockets), host.complete, list(host.errors))
+        # Alone, the host's listing as it came (an unchanged one is the same object: see
+        # sockdiag.Dumper.list); with other namespaces, a copy to add theirs to.
+        table = TableRead(list(host.sockets) if self._spaces else host.sockets, host.complete,
+                          list(host.errors))
         netns_of: dict[int, NetNs] = {}
         gone, self._gone = self._gone, set()
         unread: list[str] = []

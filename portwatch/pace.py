@@ -4,63 +4,82 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-# After a fork or exec, rescan at this pace for a while: a new process usually binds within a
-# few hundred milliseconds of starting.
+# After a fork or exec, look at the new process every EARLY_SCAN_PERIOD for EARLY_SCAN_WINDOW: a
+# new server usually binds within a few hundred milliseconds of starting. The first look is a
+# period after the event, so a process that exits at once (cron jobs, monitoring scripts, the
+# bulk of what a busy host starts) is gone by then and costs nothing.
 EARLY_SCAN_PERIOD = 0.1
 EARLY_SCAN_WINDOW = 1.0
-# The state file is rewritten at most this often while things change (and at stop); after a
-# crash the changes since are found again by the startup diff.
+# The state file is rewritten at most this often once what a restart must not repeat changed
+# (a squatter reported, whose hooks ran; the journal read for conflicts), and at stop.
 STATE_SAVE_EVERY = 5.0
+# ... and this often when only listeners opened, closed or changed owners: a whole rewrite costs
+# a large host a quarter of a second, and after a crash the startup diff finds those again.
+STATE_SAVE_CHANGES_EVERY = 60.0
 
 
 class Pacer:
-    """When to scan: once per interval, keeping the cadence; and while processes start (the
-    proc connector saw them fork or exec), every EARLY_SCAN_PERIOD, reading only those."""
+    """When to scan: once per interval, keeping the cadence; and every EARLY_SCAN_PERIOD while a
+    process the proc connector saw fork or exec within EARLY_SCAN_WINDOW is still running (its
+    exit ends that)."""
 
-    __slots__ = ("_hints", "_until", "execs", "interval", "last_scan", "next_regular")
+    __slots__ = ("_young", "execs", "interval", "last_scan", "next_regular")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.last_scan = float("-inf")  # when the last scan began
+        self.last_scan = float("-inf")  # when the last scan (or look at young processes) began
         self.next_regular = float("-inf")
-        self._hints: set[int] = set()
-        self._until = float("-inf")
+        self._young: dict[int, float] = {}  # pid -> when it forked or exec'd, until it exits
         self.execs: list[int] = []  # exec'd since the last take(): their details must be read again
 
     def saw(self, events: Iterable[tuple[str, int]], now: float) -> None:
-        """The proc connector's (kind, pid) events; an overrun loses the hints (a regular scan
-        looks at every new process anyway)."""
-        execs = []
+        """The proc connector's (kind, pid) events; an overrun loses the young processes (a
+        regular scan looks at every new process anyway)."""
+        young = self._young
         for kind, pid in events:
-            if kind in ("fork", "exec"):
-                self._hints.add(pid)
-                if kind == "exec":
-                    execs.append(pid)
+            if kind == "fork":
+                young[pid] = now
+            elif kind == "exec":
+                young[pid] = now  # a new program: its window starts again
+                self.execs.append(pid)
+            elif kind == "exit":
+                young.pop(pid, None)
             elif kind == "overrun":
-                self._hints.clear()
-        self.execs += execs
-        if self._hints or execs:
-            self._until = now + EARLY_SCAN_WINDOW
+                young.clear()
 
-    def take(self) -> tuple[set[int], list[int]]:
-        """The pids to read at the next scan, and those that exec'd; both forgotten here."""
-        hints, self._hints = self._hints, set()
+    def young(self, now: float) -> set[int]:
+        """The processes that started or exec'd within the window and have not exited."""
+        oldest = now - EARLY_SCAN_WINDOW
+        if any(t <= oldest for t in self._young.values()):
+            self._young = {pid: t for pid, t in self._young.items() if t > oldest}
+        return set(self._young)
+
+    def take(self, now: float) -> tuple[set[int], list[int]]:
+        """The pids to read at a scan now (the young ones), and those that exec'd since the last
+        take (forgotten here)."""
         execs, self.execs = self.execs, []
-        return hints, execs
+        return self.young(now), execs
+
+    def waiting(self, now: float) -> bool:
+        """An early scan is coming: the connector's events can wait for it (read all at once then,
+        exits included) rather than wake the daemon one by one."""
+        return bool(self.young(now))
 
     def next_scan(self, now: float) -> float:
-        """When the next scan is due: the regular one, or sooner while processes are starting."""
-        if self._until > now:
-            return min(self.next_regular, self.last_scan + EARLY_SCAN_PERIOD)
-        return self.next_regular
+        """When the next scan is due: the regular one, or sooner while young processes run."""
+        young = self.young(now)
+        if not young:
+            return self.next_regular
+        first_due = min(self._young[pid] for pid in young) + EARLY_SCAN_PERIOD
+        return min(self.next_regular, max(self.last_scan + EARLY_SCAN_PERIOD, first_due))
 
     def early(self, now: float) -> bool:
         """A scan now is an early one (between two regular scans)."""
         return now < self.next_regular
 
     def scanning(self, now: float) -> None:
-        """A scan begins now; a regular one sets the next (after a scan slower than the
-        interval, the cadence starts afresh)."""
+        """A scan (or a look at the young processes) begins now; a regular one sets the next
+        (after a scan slower than the interval, the cadence starts afresh)."""
         self.last_scan = now
         if now >= self.next_regular:
             self.next_regular += self.interval
@@ -69,17 +88,21 @@ class Pacer:
 
 
 class SaveThrottle:
-    """Save the state when it changed, at most once per STATE_SAVE_EVERY (always when forced)."""
+    """Save the state when it changed: within STATE_SAVE_EVERY when `urgent`, within
+    STATE_SAVE_CHANGES_EVERY when only `dirty` (always when forced)."""
 
-    __slots__ = ("_saved_at", "dirty")
+    __slots__ = ("_saved_at", "dirty", "urgent")
 
     def __init__(self) -> None:
-        self.dirty = False
+        self.dirty = False  # listeners changed
+        self.urgent = False  # what a restart must not repeat changed
         self._saved_at = float("-inf")
 
     def due(self, now: float, *, force: bool = False) -> bool:
-        return force or (self.dirty and now - self._saved_at >= STATE_SAVE_EVERY)
+        since = now - self._saved_at
+        return force or (self.urgent and since >= STATE_SAVE_EVERY) or (
+            self.dirty and since >= STATE_SAVE_CHANGES_EVERY)
 
     def saved(self, now: float) -> None:
-        self.dirty = False
+        self.dirty = self.urgent = False
         self._saved_at = now

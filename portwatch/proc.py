@@ -18,6 +18,7 @@ from collections.abc import Container, Iterable, Mapping
 from portwatch.model import Process, Proto, Socket
 from portwatch.procfd import (
     DEFAULT_ROOT,
+    GONE,
     ProcessFiles,
     ProcessGone,
     list_pids,
@@ -186,12 +187,24 @@ class ProcFS:
         except OSError:
             return None
 
-    def owner_uid(self, pid: int) -> int | None:
-        """The uid owning /proc/<pid> (the process's effective uid, root when not dumpable)."""
+    def fd_count(self, pid: int, dfd: int) -> int | None:
+        """How many fds `pid` has open, through its kept directory fd (or -1: by path): the size
+        /proc/<pid>/fd reports (Linux 6.2+). 0 when the kernel does not say; None once the
+        process has exited. One call, whatever the number of fds."""
         try:
-            return os.stat(f"{self.root}/{pid}").st_uid
+            return (os.fstat(dfd) if dfd >= 0 else os.stat(f"{self.root}/{pid}/fd")).st_size
+        except OSError as exc:
+            return None if exc.errno in GONE else 0
+
+    def fd_look(self, pid: int) -> tuple[int | None, int]:
+        """The uid owning /proc/<pid>/fd (the process's effective uid, root when it is not
+        dumpable) and its fd count (as
+        fd_count, 0 when not known), from one stat. (None, 0) when it cannot be seen."""
+        try:
+            st = os.stat(f"{self.root}/{pid}/fd")
         except OSError:
-            return None
+            return None, 0
+        return st.st_uid, st.st_size
 
     def process(self, pid: int) -> Process | None:
         """Who `pid` is: comm, exe, cmdline, uid, user, unit. None when it has exited.

@@ -8,23 +8,30 @@ Two ways to find holders:
   - listeners come from sock_diag, which filters by state in the kernel, so
     established connections cost nothing;
   - it remembers which (pid, fd) held which listening inode
-    (portwatch.holders) and re-checks those with one readlink each, through
-    a directory fd kept open per holder: every fd of a holder once per
-    RECHECK_TICKS ticks, one fd at the others, which is enough to see an
-    exit;
+    (portwatch.holders) and how many fds each process had open when last
+    read; through a directory fd kept open per holder, one fstat a tick
+    gives a holder's fd count (its exit fails it); only a holder whose count
+    changed is re-checked, one readlink per remembered fd (every fd once per
+    RECHECK_TICKS ticks, one fd at the others);
   - it reads the fds of processes that are new since the last tick, and
     lists /proc only when /proc/loadavg says a pid was given out;
   - it searches the other processes only when an inode appears that none
-    of that explains: recently started processes first, then those of the
-    socket's uid, stopping as soon as every new inode is found; inodes no
-    process holds (kernel sockets) are remembered, so they never cause a
-    search again;
-  - a slow rotation reads every other process once per 60 ticks: it catches
-    a socket handed to a process that already existed (SCM_RIGHTS) while its
-    sender keeps it too, and refreshes cached details (a holder renaming
-    itself);
-  - a tick that changed nothing hands back the very same snapshot, so the
-    daemon's diff costs nothing.
+    of that explains: recently started processes first, then those whose fd
+    count changed (one stat each), the socket's uid first, stopping as soon
+    as every new inode is found; before reading the rest it lists the
+    sockets again, so a listener whose process exited right after the
+    listing costs no walk of the host; inodes no process holds (kernel
+    sockets) are remembered, so they never cause a search again;
+  - a slow rotation looks at every process once per 60 ticks and reads the
+    fds of those whose count changed (all of them one round in ten): it
+    catches a socket handed to a process that already existed (SCM_RIGHTS)
+    while its sender keeps it too, and refreshes holders' cached details (a
+    holder renaming itself);
+  - between ticks, while processes start, `peek` reads only those: the
+    sockets are listed again only when one of them holds a socket it did not
+    hold at the last look;
+  - a tick that changed nothing hands back the very same snapshot (and the
+    lister the very same list), so what follows the listing costs nothing.
   The decisions (which fds, which processes, in what order) are pure, in
   portwatch.holders and portwatch.schedule; this module does the reading.
 """
@@ -47,7 +54,7 @@ from portwatch.netns import make_netns
 from portwatch.proc import ProcFS, TableRead
 from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import ProcParseError
-from portwatch.schedule import Recency, RecheckTurns, Rotation, search_order
+from portwatch.schedule import Recency, RecheckTurns, Rotation, SearchOrder
 from portwatch.snapshot import build_snapshot, rebuild_snapshot
 from portwatch.walk import Walk
 
@@ -185,6 +192,7 @@ class Scanner:
         self._restat: list[int] = []  # the others, a slice a tick
         self._unwatched: dict[int, str] = {}  # namespaces no longer watched, for the next scan
         self._resolved: Snapshot | None = None  # the tracker's last snapshot
+        self._holderless: list[int] = []  # its listeners that no process holds
         self._stale_netns: set[int] = set()  # namespaces to read whole at the next scan
         self.watch_namespaces(all_netns)
 
@@ -234,6 +242,10 @@ class Scanner:
     def forget_processes(self, pids: Iterable[int]) -> None:
         self.tracker.forget_processes(pids)
 
+    def peek(self, pids: Collection[int]) -> bool:
+        """Whether an early scan of these young processes can find anything (OwnerTracker.peek)."""
+        return self.tracker.peek(pids)
+
     def capabilities(self) -> int | None:
         """The effective capabilities this process reads /proc with."""
         return self.lister.procfs.own_capabilities()
@@ -260,7 +272,8 @@ class Scanner:
         except (ProcParseError, OSError) as exc:
             return ScanResult(None, str(exc))
         snap = resolve(table.sockets, complete=table.complete, hint_pids=hints, on_progress=on_progress,
-                       netns_of=netns_of, host=self.host)
+                       netns_of=netns_of, host=self.host,
+                       still_listed=self._still_listed(protocols, netns_of))
         if spaces is not None and regular and (appeared := self._look_at_processes()):
             # A namespace seen for the first time: its sockets and holders, in this scan.
             searched = self.tracker.searched
@@ -275,11 +288,25 @@ class Scanner:
                 self.tracker.searched |= searched
         if spaces is not None:
             self._stale_netns = self._owners_changed(snap, netns_of)
+        if snap is not self._resolved:  # an unchanged snapshot is the same object: skip the walk
+            self._holderless = [i for i, x in snap.listeners.items() if not x.processes]
         self._resolved = snap
         snap = self._without_closed_meanwhile(previous, snap, protocols, closed)
         return ScanResult(self.units.apply(snap), "; ".join(table.errors) or None, partial=bool(table.errors),
                           socket_units_problem=self.units.problem, closed_netns=closed,
                           unread_netns=tuple(unread))
+
+    def _still_listed(self, protocols: tuple[Proto, ...], netns_of: Mapping[int, NetNs]) -> StillListed:
+        """What the tracker asks before a search reads every process: the host's listening
+        inodes now (another namespace's are taken as still there: listed again they would be
+        read whole), None when they cannot be had whole."""
+        def listed() -> Collection[int] | None:
+            try:
+                table = self.lister.list(protocols, FAMILIES)
+            except (ProcParseError, OSError, sockdiag.SockDiagUnavailable):
+                return None
+            return {s.inode for s in table.sockets}.union(netns_of) if table.complete else None
+        return listed
 
     def _list_namespaces(
         self, spaces: Namespaces, protocols: tuple[Proto, ...], closed: dict[int, str],
@@ -329,8 +356,7 @@ class Scanner:
         again); namespaces found gone meanwhile are added to `closed`."""
         if previous is None:
             return snap
-        lost = [i for i, x in snap.listeners.items()
-                if not x.processes and (p := previous.listeners.get(i)) is not None and p.processes]
+        lost = [i for i in self._holderless if (p := previous.listeners.get(i)) is not None and p.processes]
         if not lost:
             return snap
         try:
@@ -351,6 +377,8 @@ class Scanner:
 
 
 # -- the daemon's incremental resolution ---------------------------------------
+
+StillListed = Callable[[], Collection[int] | None]
 
 # Leave this share of RLIMIT_NOFILE (at least 256 fds) to the rest of the daemon.
 _FD_RESERVE = 4
@@ -444,19 +472,26 @@ class OwnerTracker:
         self._processes: dict[int, Process] = {}  # details of holders
         self._refresh: set[int] = set()  # holders whose details must be read again
         self._inodes: list[int] = []  # of the last listing, in its order
+        self._sockets: list[Socket] | None = None  # the last listing
+        self._listening: set[int] = set()  # its inodes
         self._snapshot: Snapshot | None = None
         self._tick = 0
+        self._peeked: dict[int, frozenset[int]] = {}  # young pid -> its socket inodes at the last peek
+        self._fd_counts: dict[int, int] = {}  # pid -> fds it had open when last read whole
+        self._rechecked: dict[int, int] = {}  # holder pid -> fds it had open at its last re-check
 
     def update(
         self, sockets: list[Socket], *, complete: bool, hint_pids: Iterable[int] = (),
         on_progress: Callable[[], None] | None = None, netns_of: Mapping[int, NetNs] | None = None,
-        host: NetNs | None = None,
+        host: NetNs | None = None, still_listed: StillListed | None = None,
     ) -> Snapshot:
         """A regular tick: re-check known holders, read new and hinted processes, search for
         what is still unexplained, take a rotation step; the snapshot of `sockets`.
 
         `on_progress` is called every few hundred processes of a long walk (the watchdog).
         `netns_of`/`host`: the namespace of each socket (see snapshot.build_snapshot).
+        `still_listed`: lists again (the inodes, None when that failed) before a search reads
+        the unlikely processes; a socket no longer listed then is left out of the snapshot.
         """
         listening, same = self._listing(sockets)
         self._recheck()
@@ -471,21 +506,51 @@ class OwnerTracker:
             self._last_pid = last_pid
         else:
             current = self._known
-        walked = self._resolve(current, hint_pids, sockets, listening, on_progress)
+        walked, gone = self._resolve(current, hint_pids, sockets, listening, on_progress,
+                                     still_listed=still_listed)
         self._rotate(current, listening, walked, on_progress)
+        if gone:
+            sockets, same = [s for s in sockets if s.inode not in gone], False
         return self._finish(sockets, complete, same, netns_of, host)
 
     def update_early(
         self, sockets: list[Socket], *, complete: bool, hint_pids: Iterable[int],
         on_progress: Callable[[], None] | None = None, netns_of: Mapping[int, NetNs] | None = None,
-        host: NetNs | None = None,
+        host: NetNs | None = None, still_listed: StillListed | None = None,
     ) -> Snapshot:
         """An extra tick while processes start: only the hinted ones (the proc connector's forks
         and execs) are read. The re-check, the listing of /proc and the rotation wait for the
         next regular tick, so early ticks stay cheap on a large host."""
         listening, same = self._listing(sockets)
-        self._resolve(self._known.union(hint_pids), hint_pids, sockets, listening, on_progress)
+        _, gone = self._resolve(self._known.union(hint_pids), hint_pids, sockets, listening, on_progress,
+                                still_listed=still_listed)
+        if gone:
+            sockets, same = [s for s in sockets if s.inode not in gone], False
         return self._finish(sockets, complete, same, netns_of, host)
+
+    def peek(self, pids: Collection[int]) -> bool:
+        """Whether one of these young processes holds a socket it did not hold when last peeked
+        at: only then can an early scan find something (a new listener, a forked worker sharing
+        its parent's). A process that cannot be read counts as changed."""
+        before, self._peeked = self._peeked, {}
+        changed = False
+        for pid in pids:
+            dfd = kept = self.dirs.get(pid)
+            try:
+                if dfd < 0:
+                    dfd = self.procfs.open_fd_dir(pid)
+                inodes = frozenset(self.procfs.socket_fds_at(dfd)[0].values())
+            except ProcessGone:
+                continue
+            except AccessDenied:
+                changed = True
+                continue
+            finally:
+                if dfd >= 0 and kept < 0:
+                    os.close(dfd)
+            self._peeked[pid] = inodes
+            changed = changed or not inodes <= before.get(pid, frozenset())
+        return changed
 
     @property
     def known(self) -> set[int]:
@@ -508,35 +573,50 @@ class OwnerTracker:
         """The listening inodes, and whether they are those of the last listing."""
         self._tick += 1
         self.searched = self._tick == 1
+        if sockets is self._sockets:  # the lister's unchanged listing: the same object
+            return self._listening, True
+        self._sockets = sockets
         inodes = [s.inode for s in sockets]
         same = inodes == self._inodes
         self._inodes = inodes
-        listening = {i for i in inodes if i}
+        listening = self._listening = {i for i in inodes if i}
         if not same:
             self.index.keep_listening(listening)
             self._unresolved &= listening
         return listening, same
 
     def _recheck(self) -> None:
-        """Drop the holder fds that changed (closed, exited, replaced): see schedule.RecheckTurns."""
+        """Drop the holder fds that changed (closed, exited, replaced): see schedule.RecheckTurns.
+        A holder with as many fds open as at its last whole look costs one fstat: it has
+        neither exited nor closed one (a close and an open in one interval wait for the rotation)."""
         turn = self.turns.next()
+        read, rechecked = self._fd_counts, self._rechecked
         for pid in list(self.index.pids()):
             fds = self.index.fds(pid)
             dfd = self.dirs.get(pid)
-            if len(fds) > 1 and not self.turns.whole(pid, turn):
-                first = next(iter(fds))
-                if not self.procfs.stale_fds(pid, dfd, {first: fds[first]}):
-                    continue  # one fd is enough to see an exit
-            stale = self.procfs.stale_fds(pid, dfd, fds)
+            count = self.procfs.fd_count(pid, dfd)
+            if count is None:
+                stale = list(fds)  # it exited
+            elif count and count == rechecked.get(pid, read.get(pid)):
+                continue
+            else:
+                if len(fds) > 1 and not self.turns.whole(pid, turn):
+                    first = next(iter(fds))
+                    if not self.procfs.stale_fds(pid, dfd, {first: fds[first]}):
+                        continue  # one fd is enough to see an exit
+                stale = self.procfs.stale_fds(pid, dfd, fds)
+                # Apart from the count at the last read: a search still puts it among the changed.
+                rechecked[pid] = count
             if stale:
                 self.index.drop_fds(pid, stale)
                 self._let_go(pid)
 
     def _resolve(
         self, current: set[int], hint_pids: Iterable[int], sockets: list[Socket], listening: set[int],
-        on_progress: Callable[[], None] | None,
-    ) -> set[int]:
-        """Read new and hinted processes, then search the rest for inodes still unexplained."""
+        on_progress: Callable[[], None] | None, *, still_listed: StillListed | None,
+    ) -> tuple[set[int], set[int]]:
+        """Read new and hinted processes, then search the rest for inodes still unexplained; the
+        processes read, and the listening inodes found closed meanwhile."""
         new = current - self._known
         hinted = current.intersection(hint_pids)
         if self._tick > 1:  # at the first update everything is new, and nothing is recent
@@ -544,26 +624,52 @@ class OwnerTracker:
         walked: set[int] = set()
         self._read_all(new | hinted, listening, walked, on_progress)  # forked workers, new servers
         missing = listening.difference(self.index.held_inodes(), self._unresolved)
+        gone: set[int] = set()
         if missing:
             self.searched = True
             uids = {s.uid for s in sockets if s.inode in missing}
-            for pid in search_order(current - walked, self.recency, uids, self.procfs.owner_uid):
-                self._read_all((pid,), listening, walked, on_progress)
-                missing -= self.index.inodes_of(pid)
-                if not missing:
-                    break
+            order = SearchOrder(current - walked, self.recency, uids, self._look)
+            missing = self._search(order.likely(), missing, listening, walked, on_progress)
+            if missing and still_listed is not None and (listed := still_listed()) is not None:
+                # Before reading every other process: a listener whose process exited right after
+                # the listing (a short-lived server) is listed no more, and nobody holds it.
+                gone = missing.difference(listed)
+                missing -= gone
+            if missing:
+                missing = self._search(order.rest(), missing, listening, walked, on_progress)
             self._unresolved |= missing
         self._known = current
         self._denied &= current
         if self._tick % 10 == 0:
             self.recency.expire(self._tick)
-        return walked
+        return walked, gone
+
+    def _search(self, pids: Iterable[int], missing: set[int], listening: set[int], walked: set[int],
+                on_progress: Callable[[], None] | None) -> set[int]:
+        """Read `pids` in turn until every missing inode is found; what is still missing."""
+        for pid in pids:
+            if not missing:
+                break
+            self._read_all((pid,), listening, walked, on_progress)
+            missing = missing - self.index.inodes_of(pid)
+        return missing
+
+    def _look(self, pid: int) -> tuple[int | None, bool]:
+        """Its uid, and whether its fd count changed since it was last read (or is not known)."""
+        uid, count = self.procfs.fd_look(pid)
+        return uid, not count or count != self._fd_counts.get(pid)
 
     def _rotate(
         self, current: set[int], listening: set[int], walked: set[int], on_progress: Callable[[], None] | None
     ) -> None:
-        """Read the processes whose rotation turn it is (unless read already), and their details."""
+        """Read the processes whose rotation turn it is (unless read already), and their details.
+        Outside a thorough round, a process that holds no listener and has as many fds open as
+        when last read is left unread (one stat)."""
         step = [pid for pid in self.rotation.step() if pid in current and pid not in walked]
+        if not self.rotation.thorough():
+            counts, holds, denied = self._fd_counts, self.index.holds, self._denied
+            step = [pid for pid in step if holds(pid) or pid in denied
+                    or not (count := self.procfs.fd_count(pid, -1)) or count != counts.get(pid)]
         self._read_all(step, listening, walked, on_progress)
         self._refresh.update(pid for pid in step if self.index.holds(pid))
 
@@ -597,6 +703,8 @@ class OwnerTracker:
             return
         self._denied.discard(pid)
         self.rotation.weigh(pid, links)
+        self._fd_counts[pid] = links
+        self._rechecked.pop(pid, None)
         if kept < 0:
             if found:
                 self.dirs.keep(pid, dfd)
@@ -615,9 +723,12 @@ class OwnerTracker:
             self.dirs.close(pid)
             self._processes.pop(pid, None)
             self._refresh.discard(pid)
+            self._rechecked.pop(pid, None)
 
     def _forget(self, pid: int) -> None:
         self.index.forget(pid)
+        self._fd_counts.pop(pid, None)
+        self._rechecked.pop(pid, None)
         self._let_go(pid)
         self.recency.forget(pid)
         self.rotation.forget(pid)

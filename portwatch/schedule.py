@@ -3,10 +3,12 @@
 - Every fd of a holder is re-checked once per RECHECK_TICKS regular ticks, one
   of its fds at the others (`RecheckTurns`).
 - Processes seen starting, exec'ing or opening a listener lately are searched
-  first for a new inode, then those of the socket's uid (`search_order`).
-- Every process is read once per rotation (`Rotation`), in the slot that has
-  the least work, so a handover to an old process (SCM_RIGHTS) is found and
-  cached details are refreshed.
+  first for a new inode, then those whose fd count changed, then those of the
+  socket's uid (`SearchOrder`).
+- Every process is looked at once per rotation (`Rotation`), in the slot that
+  has the least work, so a handover to an old process (SCM_RIGHTS) is found
+  and cached details are refreshed; its fds are read when their count changed
+  since the last read, and in every THOROUGH_ROUNDS-th round whatever it says.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ RECHECK_TICKS = 4
 RECENT_TICKS = 120
 # A process costs about as much as this many fds to open, list and close.
 PID_COST = 8
+# The rotation reads a process whose fd count has not changed since it was last read only in one
+# round of this many (a socket handed over while another fd closed leaves the count as it was).
+THOROUGH_ROUNDS = 10
 
 
 class RecheckTurns:
@@ -65,27 +70,47 @@ class Recency:
         return sorted((p for p in candidates if p in seen), key=seen.__getitem__, reverse=True)
 
 
-def search_order(
-    candidates: Collection[int], recency: Recency, uids: Collection[int], uid_of: Callable[[int], int | None]
-) -> Iterator[int]:
-    """The processes to read for an inode nobody is known to hold, likeliest first.
+class SearchOrder:
+    """The processes to read for inodes nobody is known to hold, likeliest first.
 
     Pid numbers wrap, so they say nothing about age; what the tracker saw
-    does. First the processes it saw start, exec or open a listener lately
-    (newest first: a server that opened one port often opens more), then
-    those running as one of the sockets' `uids` (the kernel records the
-    creator's uid on a socket), then everyone else. `uid_of` is asked lazily,
-    only for processes the search reaches.
+    does. `likely()`: the processes it saw start, exec or open a listener
+    lately (newest first: a server that opened one port often opens more),
+    then those whose fd table changed size since they were last read (a
+    process that opened a socket has one more fd). `rest()`: the others,
+    which a search reaches only when the likely ones do not explain every
+    inode. Within each group, those running as one of the sockets' `uids`
+    (the kernel records the creator's uid on a socket) come first.
+    `look(pid)` -> (uid, fd table changed or not known) is one stat per
+    process, asked only as far as the search goes: cheap beside reading
+    every fd of the processes it puts last.
     """
-    recent = recency.newest_first(candidates)
-    yield from recent
-    later: list[int] = []
-    for pid in set(candidates).difference(recent):
-        if uid_of(pid) in uids:
-            yield pid
-        else:
-            later.append(pid)
-    yield from later
+
+    __slots__ = ("_candidates", "_look", "_recency", "_rest", "_uids")
+
+    def __init__(self, candidates: Collection[int], recency: Recency, uids: Collection[int],
+                 look: Callable[[int], tuple[int | None, bool]]) -> None:
+        self._candidates, self._recency, self._uids, self._look = candidates, recency, uids, look
+        self._rest: tuple[list[int], list[int]] = ([], [])  # unchanged: of the uids, others
+
+    def likely(self) -> Iterator[int]:
+        recent = self._recency.newest_first(self._candidates)
+        yield from recent
+        changed_other: list[int] = []
+        same_own, same_other = self._rest
+        for pid in set(self._candidates).difference(recent):
+            uid, changed = self._look(pid)
+            if changed and uid in self._uids:
+                yield pid  # the likeliest: read before the others are even looked at
+            elif changed:
+                changed_other.append(pid)
+            else:
+                (same_own if uid in self._uids else same_other).append(pid)
+        yield from changed_other
+
+    def rest(self) -> list[int]:
+        """The processes likely() put aside (call it once likely() is exhausted)."""
+        return [*self._rest[0], *self._rest[1]]
 
 
 class Rotation:
@@ -97,7 +122,7 @@ class Rotation:
     connections each), in one tick.
     """
 
-    __slots__ = ("_load", "_next", "_slot_of", "_slots", "_weight", "ticks")
+    __slots__ = ("_load", "_next", "_slot_of", "_slots", "_weight", "steps", "ticks")
 
     def __init__(self, ticks: int) -> None:
         self.ticks = max(1, ticks)
@@ -106,6 +131,7 @@ class Rotation:
         self._weight: dict[int, int] = {}  # pid -> its cost when last read
         self._load = [0] * self.ticks  # the sum of the weights in each slot
         self._next = 0
+        self.steps = 0
 
     def weigh(self, pid: int, links: int) -> None:
         """Reading `pid` cost `links` fd links (its slot is chosen now if it has none)."""
@@ -130,7 +156,13 @@ class Rotation:
         """The processes whose turn it is now."""
         slot = self._next
         self._next = (slot + 1) % self.ticks
+        self.steps += 1
         return set(self._slots[slot])
+
+    def thorough(self) -> bool:
+        """The last step belongs to a round that reads every process whole, whatever its fd count
+        says: one in THOROUGH_ROUNDS (not the first: the first update has just read them all)."""
+        return (self.steps - 1) // self.ticks % THOROUGH_ROUNDS == THOROUGH_ROUNDS - 1
 
     def load(self) -> list[int]:
         """The work in each slot (for tests)."""

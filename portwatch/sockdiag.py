@@ -84,7 +84,7 @@ class Dumper:
     """Dumps the listening sockets of one network namespace: portwatch's own (a netlink socket
     opened for each listing), or another's (`inside`: one opened there and kept)."""
 
-    __slots__ = ("_before", "_sock")
+    __slots__ = ("_before", "_jobs", "_listed", "_sock")
 
     def __init__(self, sock: socket.socket | None = None) -> None:
         self._sock = sock
@@ -92,6 +92,10 @@ class Dumper:
         # quiet host each reply is byte for byte the one before (same sockets, same queue
         # lengths), and hashing 8 KiB of bytes costs a fiftieth of parsing them.
         self._before: dict[tuple[Proto, int, int], _Reply] = {}
+        # The last listing and what it asked for. Never mutated by its users (the tracker and
+        # Namespaces copy before adding to it), so an unchanged listing hands back this object.
+        self._listed: list[Socket] = []
+        self._jobs: list[tuple[Proto, int]] = []
 
     @classmethod
     def inside(cls, netns_fd: int) -> Dumper:
@@ -106,9 +110,8 @@ class Dumper:
     def list(self, protocols: Iterable[Proto], families: Iterable[int]) -> list[Socket]:
         """See list_listeners."""
         fams = set(families)
-        jobs = [(p, f) for p in dict.fromkeys(protocols) for f in (4, 6) if f in fams]
-        found: dict[int, Socket] = {}
-        zeros: list[Socket] = []
+        jobs: list[tuple[Proto, int]] = [
+            (p, f) for p in dict.fromkeys(protocols) for f in (4, 6) if f in fams]
         before = self._before
         # The last listing's sockets by inode, made when a reply changed. A listener outlives
         # many scans, and handing back the equal Socket from the scan before (they are
@@ -130,16 +133,22 @@ class Dumper:
                             previous = {s.inode: s for r in before.values() for s in r.sockets}
                         reply = dump.take(raw, digest, previous)
                     seen[key] = reply
-                    for s in reply.sockets:
-                        found[s.inode] = s
-                    zeros.extend(reply.zeros)
                     if reply.done:
                         break
         finally:
             if sock is not self._sock:
                 sock.close()
         self._before = seen  # replaced whole, never mutated: a listing in a thread is safe
-        return [*found.values(), *zeros]
+        if previous is None and seen.keys() == before.keys() and jobs == self._jobs:
+            return self._listed  # every reply as before: the very same list, for its users to skip
+        found: dict[int, Socket] = {}
+        zeros: list[Socket] = []
+        for reply in seen.values():
+            for s in reply.sockets:
+                found[s.inode] = s
+            zeros.extend(reply.zeros)
+        self._listed, self._jobs = [*found.values(), *zeros], jobs
+        return self._listed
 
 
 def _digest(raw: bytes) -> tuple[int, int]:

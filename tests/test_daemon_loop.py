@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from portwatch.daemon import Daemon
 from portwatch.hooks import HookRunner
 from portwatch.log import EventLog
 from portwatch.model import Listener, Process, Proto, Snapshot, Socket, Unresolved
-from portwatch.pace import EARLY_SCAN_PERIOD, STATE_SAVE_EVERY
+from portwatch.pace import EARLY_SCAN_PERIOD, STATE_SAVE_CHANGES_EVERY, STATE_SAVE_EVERY
 from portwatch.scan import ScanResult
 from portwatch.state import StateStore
 
@@ -69,6 +69,7 @@ class FakeScanner:
         self.queued: list[ScanResult] = []
         self.calls: list[tuple[str, set[int]]] = []
         self.forgotten: list[int] = []
+        self.young_changed = True  # what peek() answers
 
     def then(self, *listeners: Listener, complete: bool = True, error: str | None = None) -> None:
         self.queued.append(ScanResult(snap(*listeners, complete=complete), error, partial=error is not None))
@@ -88,6 +89,10 @@ class FakeScanner:
 
     def forget_processes(self, pids: Iterable[int]) -> None:
         self.forgotten += pids
+
+    def peek(self, pids: Collection[int]) -> bool:
+        self.calls.append(("peek", set(pids)))
+        return self.young_changed
 
     def capabilities(self) -> int | None:
         return None
@@ -282,20 +287,30 @@ def test_a_failed_or_partial_scan_is_said_once_and_closes_nothing(world: World) 
     assert [name for name, _ in events.take()] == ["scan_recovered", "listener_closed"]
 
 
-def test_state_is_saved_at_start_then_at_most_every_few_seconds(world: World) -> None:
+def test_state_is_saved_at_start_soon_after_a_squatter_and_later_after_other_changes(world: World) -> None:
     daemon, scanner, _, _ = world.daemon()
     scanner.then()
     daemon.start()
     assert world.state.load() is not None  # the baseline
     scanner.then(listener(5, 8080, WEB))
     daemon.tick()
-    daemon._save_state()
-    saved = world.state.load()
-    assert saved is not None and 5 not in saved.snapshot.listeners  # too soon after the baseline
     world.clock.now += STATE_SAVE_EVERY
     daemon._save_state()
     saved = world.state.load()
+    assert saved is not None and 5 not in saved.snapshot.listeners  # a listener opened: not urgent
+    world.clock.now += STATE_SAVE_CHANGES_EVERY - STATE_SAVE_EVERY
+    daemon._save_state()
+    saved = world.state.load()
     assert saved is not None and 5 in saved.snapshot.listeners
+    scanner.then(listener(5, 8080, WEB), listener(6, 22, SQUATTER))
+    daemon.tick()
+    daemon._save_state()
+    saved = world.state.load()
+    assert saved is not None and 6 not in saved.taken  # too soon after the last save
+    world.clock.now += STATE_SAVE_EVERY
+    daemon._save_state()  # the squatter's hooks ran: a restart must know it was said
+    saved = world.state.load()
+    assert saved is not None and saved.taken == {6: [900]}
 
 
 def test_a_started_process_brings_early_scans_of_it_alone(world: World) -> None:
@@ -312,4 +327,26 @@ def test_a_started_process_brings_early_scans_of_it_alone(world: World) -> None:
     world.clock.now = now + 1.0
     scanner.then(listener(6, 8080, WEB))
     daemon.tick()
+    assert scanner.calls[-1] == ("regular", set())
+
+
+def test_an_early_scan_happens_only_when_a_young_process_holds_a_new_socket(world: World) -> None:
+    daemon, scanner, _, _ = world.daemon()
+    scanner.then()
+    daemon.start()
+    now = world.clock.now
+    daemon.pace.saw([("fork", 41)], now)
+    world.clock.now = now + EARLY_SCAN_PERIOD
+    scanner.young_changed = False
+    daemon._scan_when_due()
+    assert scanner.calls[-1] == ("peek", {41})  # looked at, not scanned: nothing new to find
+    assert daemon.pace.next_scan(world.clock.now) == world.clock.now + EARLY_SCAN_PERIOD
+    world.clock.now += EARLY_SCAN_PERIOD
+    scanner.young_changed = True
+    scanner.then(listener(6, 8080, WEB))
+    daemon._scan_when_due()
+    assert scanner.calls[-2:] == [("peek", {41}), ("early", {41})]
+    world.clock.now = now + 1.0
+    scanner.then(listener(6, 8080, WEB))
+    daemon._scan_when_due()  # a regular scan needs no peek
     assert scanner.calls[-1] == ("regular", set())

@@ -24,7 +24,7 @@ from portwatch.model import Proto, Snapshot, Socket
 from portwatch.proc import ProcFS
 from portwatch.procfd import single_threaded
 from portwatch.scan import OwnerTracker, SocketLister, Source, full_scan, own_netns
-from portwatch.schedule import RECHECK_TICKS, RecheckTurns
+from portwatch.schedule import RECHECK_TICKS, THOROUGH_ROUNDS, RecheckTurns
 from portwatch.sockdiag import list_listeners
 from tests.conftest import Holder, wait_exited
 
@@ -40,11 +40,13 @@ mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 partner = os.fork()
 if partner == 0:
     mine.close()
+    theirs.send(b"ready")  # its fds settled: what the tracker reads first is what it keeps
     kept = []
     while True:
         _msg, fds, _flags, _addr = socket.recv_fds(theirs, 16, 4)
         kept.extend(fds)
         theirs.send(b"got")
+mine.recv(16)
 mine_only, limbo = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
 listener = None
 def say(**kw):
@@ -122,10 +124,20 @@ class CountingProcFS(ProcFS):
 
     def __init__(self) -> None:
         super().__init__()
-        self.listings = self.reads = self.rechecked = 0
+        self.listings = self.reads = self.rechecked = self.counted = 0
+        self.opened: list[int] = []  # whose fds were read (not through a kept directory fd)
 
     def reset(self) -> None:
-        self.listings = self.reads = self.rechecked = 0
+        self.listings = self.reads = self.rechecked = self.counted = 0
+        self.opened = []
+
+    def fd_count(self, pid: int, dfd: int) -> int | None:
+        self.counted += 1
+        return super().fd_count(pid, dfd)
+
+    def open_fd_dir(self, pid: int) -> int:
+        self.opened.append(pid)
+        return super().open_fd_dir(pid)
 
     def pids(self) -> list[int]:
         self.listings += 1
@@ -278,7 +290,8 @@ def test_early_updates_read_only_the_hinted_processes(
     old = holders([TCP4], fork=1)
     update(tracker, {old.inode})
     update(tracker, {old.inode})
-    assert counts(tracker).rechecked >= 2  # a regular update re-checks every known holder fd
+    # A regular update looks at every known holder: unchanged, one fstat each, no fd read.
+    assert counts(tracker).counted >= 2 and counts(tracker).rechecked == 0
     server = holders([{**TCP4, "proto": "udp"}], fork=2)
     inodes = {old.inode, server.inode}
     snap = update(tracker, inodes, hint_pids=[server.pid, *server.children], early=True)
@@ -290,6 +303,25 @@ def test_early_updates_read_only_the_hinted_processes(
     assert wait_exited(worker)  # its fds are closed then
     assert worker in pids_of(update(tracker, inodes, early=True), old.inode)
     assert pids_of(update(tracker, inodes), old.inode) == {old.pid}
+
+
+def test_peek_says_whether_a_young_process_holds_a_socket_it_did_not_hold(
+    helper: Helper, holders: Callable[..., Holder], tracker: OwnerTracker
+) -> None:
+    """An early scan is worth its listing only when a young process holds a new socket: a
+    listener it opened, or the listeners a forked worker shares with its parent."""
+    assert tracker.peek([helper.pid])  # its socketpairs: never looked at before
+    assert not tracker.peek([helper.pid])  # the same sockets as at the last look
+    helper.ask("listen")
+    assert tracker.peek([helper.pid])
+    assert not tracker.peek([helper.pid])  # the same sockets as at the last look
+    server = holders([TCP4], fork=1)
+    young = [helper.pid, server.children[0]]
+    assert tracker.peek(young)
+    gone = holders([TCP4])
+    os.kill(gone.pid, signal.SIGKILL)
+    assert wait_exited(gone.pid)
+    assert not tracker.peek([*young, gone.pid])  # an exited process has nothing to find
 
 
 def test_proc_is_listed_only_when_a_pid_was_given_out(
@@ -332,6 +364,104 @@ def test_handover_to_an_old_process(helper: Helper, tracker: OwnerTracker) -> No
     helper.ask("close")
     snap = update(tracker, {inode})
     assert pids_of(snap, inode) == {helper.partner}
+
+
+def test_a_search_reads_the_processes_whose_fd_count_changed_first(
+    helper: Helper, tracker: OwnerTracker
+) -> None:
+    """A new listener in an old process: the processes with more or fewer fds open than when
+    last read are searched before the others; the helper's idle partner is never reached."""
+    update(tracker, set())
+    update(tracker, set())
+    inode = helper.ask("listen")["inode"]
+    snap = update(tracker, {inode})
+    assert pids_of(snap, inode) == {helper.pid} and tracker.searched
+    assert helper.pid in counts(tracker).opened and helper.partner not in counts(tracker).opened
+
+
+@pytest.mark.parametrize("relist", [True, False], ids=["listed again", "not listed again"])
+def test_a_listener_whose_process_exited_after_the_listing_costs_no_walk_of_the_host(
+    helper: Helper, holders: Callable[..., Holder], tracker: OwnerTracker, relist: bool
+) -> None:
+    """A short-lived server that exits between the listing and the read of its fds: before the
+    search reads the unlikely processes the tracker lists again, finds the socket gone and
+    leaves it out. Without that, every process is read and the socket is said held by nobody."""
+    update(tracker, set())
+    update(tracker, set())
+    server = holders([TCP4])
+    listed = sockets_of({server.inode})
+    os.kill(server.pid, signal.SIGKILL)
+    assert wait_exited(server.pid)
+    counts(tracker).reset()
+
+    def still_listed() -> set[int]:
+        return {s.inode for s in list_listeners()}
+
+    snap = tracker.update(listed, complete=True, still_listed=still_listed if relist else None)
+    if relist:
+        assert server.inode not in snap.listeners
+        assert helper.partner not in counts(tracker).opened  # idle: not read
+    else:
+        assert snap.listeners[server.inode].unresolved is not None
+        assert helper.partner in counts(tracker).opened
+
+
+ADDS_PORTS = r"""
+import os, socket, sys
+held = []
+for line in sys.stdin:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8); held.append(s)
+    sys.stdout.write(f"{os.getpid()} {os.fstat(s.fileno()).st_ino}\n"); sys.stdout.flush()
+"""
+
+
+class EveryTurnWhole(RecheckTurns):
+    @staticmethod
+    def whole(pid: int, turn: int) -> bool:
+        return True
+
+
+def test_a_holder_that_adds_a_port_is_searched_among_the_changed(helper: Helper) -> None:
+    """A service already holding a listener (seen at the first update, so not a recent one)
+    opens another: its fd count is one more than when last read, even though the re-check of
+    the same update (whole, here at every update) saw the new count first, so the search reads
+    it before any unchanged process."""
+    tracker = OwnerTracker(CountingProcFS(), rotation_ticks=1000)
+    tracker.turns = EveryTurnWhole()
+    server = subprocess.Popen([sys.executable, "-c", ADDS_PORTS], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdin is not None
+    assert server.stdout is not None
+    try:
+        server.stdin.write("listen\n")
+        server.stdin.flush()
+        pid, first = map(int, server.stdout.readline().split())
+        update(tracker, {first})  # the first update: everything is new, nothing recent
+        server.stdin.write("listen\n")
+        server.stdin.flush()
+        second = int(server.stdout.readline().split()[1])
+        snap = update(tracker, {first, second})
+        assert pids_of(snap, second) == {pid} and tracker.searched
+        assert helper.partner not in counts(tracker).opened
+    finally:
+        tracker.close()
+        server.stdin.close()
+        server.wait(5)
+        server.stdout.close()
+
+
+def test_the_rotation_reads_an_unchanged_process_only_in_thorough_rounds(
+    helper: Helper, tracker: OwnerTracker
+) -> None:
+    """An idle process that holds no listener costs one stat a round; its fds are read in one
+    round of THOROUGH_ROUNDS (and whenever its fd count changes: test_handover_to_an_old_process)."""
+    update(tracker, set())  # the first update reads every process
+    rounds: dict[int, bool] = {}  # round -> the partner's fds were read in it (after the first update)
+    for _ in range((THOROUGH_ROUNDS + 1) * tracker.rotation.ticks - 1):
+        update(tracker, set())
+        n = (tracker.rotation.steps - 1) // tracker.rotation.ticks
+        rounds[n] = rounds.get(n, False) or helper.partner in counts(tracker).opened
+    assert rounds == {n: n == THOROUGH_ROUNDS - 1 for n in range(THOROUGH_ROUNDS + 1)}
 
 
 def test_handover_with_the_sender_closing_is_seen_at_once(helper: Helper, tracker: OwnerTracker) -> None:
@@ -395,7 +525,7 @@ def test_unchanged_update_returns_the_same_snapshot(
     first = update(tracker, {server.inode})
     again = update(tracker, {server.inode})
     assert again is first
-    assert counts(tracker).rechecked >= 2
+    assert counts(tracker).counted >= 2  # its holders were looked at
 
 
 def test_close_releases_directory_fds(holders: Callable[..., Holder]) -> None:

@@ -171,6 +171,25 @@ def test_unchanged_replies_are_reused_and_changed_ones_parsed(
         assert listed[_inode(sock)] == _expected(sock, Proto.TCP, 4, "127.0.0.1")
 
 
+def test_an_unchanged_listing_is_the_same_list(opened: Callable[..., socket.socket]) -> None:
+    """Every reply as before: the very list of the last listing, so the daemon's tracker skips
+    it whole; any change, or another question, gives a new list."""
+    dumper = sockdiag.Dumper()
+    first = dumper.list((Proto.TCP, Proto.UDP), (4, 6))
+    for _ in range(50):  # another process on the host may open or close a listener meanwhile
+        again = dumper.list((Proto.TCP, Proto.UDP), (4, 6))
+        if again is first:
+            break
+        first = again
+    else:
+        pytest.fail("the host's listeners never stayed the same between two listings")
+    tcp = opened(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
+    changed = dumper.list((Proto.TCP, Proto.UDP), (4, 6))
+    assert changed is not first and _inode(tcp) in {s.inode for s in changed}
+    assert _inode(tcp) not in {s.inode for s in first}  # the old list was not touched
+    assert dumper.list((Proto.TCP,), (4,)) is not changed  # asked for less: not the same answer
+
+
 def test_both_parsers_agree_on_real_replies(opened: Callable[..., socket.socket]) -> None:
     """The uniform fast path and the message-by-message walk read real replies alike."""
     for _ in range(50):
