@@ -18,10 +18,12 @@ script and stopped before the next:
   to close its oldest;
 - short-lived listener processes 10/s: a new process listens on loopback for 0.5 s and exits.
 
-The load is bounded: at most 400 spawns in flight, about 20 helper listeners, 10 short-lived
-processes alive. Quiet is measured first and last (the host drifts); the targets are judged
-against the first. Beside it: the in-process tick parts (bench/run.py's), RSS, and
-`portwatch list` against `ss -ltnup` (median of alternating pairs).
+Every case is run `--rounds` times, the order reversed each round (quiet first and last), and
+the table gives the mean with the runs beside it: runs of one case differ by 1-2 ms/s on the
+medium scene, as much as some targets leave. The load is bounded: at most 400 spawns in
+flight, about 20 helper listeners, 10 short-lived processes alive. Beside it: the in-process
+tick parts (bench/run.py's), RSS, and `portwatch list` against `ss -ltnup` (median of
+alternating pairs).
 """
 
 from __future__ import annotations
@@ -217,14 +219,18 @@ def bench_scene(name: str, tree: Tree, workdir: Path, opts: argparse.Namespace) 
                           lambda r=rate: Load(r, helpers.step, helpers.tidy)))
         short = ShortLived(tree.python)
         cases.append(("short-lived listener processes 10/s", lambda: Load(10, short.step, short.tidy)))
-        cases.append(("quiet, again", lambda: None))
-        for n, (label, start) in enumerate(cases):
+        runs: dict[str, list[dict[str, float]]] = {label: [] for label, _ in cases}
+        order = [c for n in range(opts.rounds) for c in (cases if n % 2 == 0 else cases[::-1])]
+        for n, (label, start) in enumerate(order):
             run = measure(daemon, opts.settle if n == 0 else opts.warmup, opts.seconds, start())
             spawns.close()
             short.close()
-            result["cases"][label] = run
+            runs[label].append(run)
             print(f"  {label}: {run['ms_per_s']:.1f} ms/s ({run['events']} events, "
                   f"{run['load_per_s']:.1f} load steps/s)", flush=True)
+        for label, done in runs.items():
+            result["cases"][label] = {"ms_per_s": statistics.mean(r["ms_per_s"] for r in done),
+                                      "runs": [r["ms_per_s"] for r in done]}
         result["rss_mib"] = daemon.memory()["VmRSS"]
         daemon.stop()
         daemon = None
@@ -285,7 +291,9 @@ def report(results: list[dict[str, Any]]) -> str:
         cells = []
         for r in results:
             c = r["cases"].get(case)
-            cells.append("" if c is None else f"{c['ms_per_s']:.1f}")
+            runs = "" if c is None or len(c.get("runs", [])) < 2 else " (" + ", ".join(
+                f"{x:.1f}" for x in c["runs"]) + ")"
+            cells.append("" if c is None else f"{c['ms_per_s']:.1f}{runs}")
         out.append(f"| {case} | " + " | ".join(cells) + " |")
     out.append("| RSS at the end, MiB | " + " | ".join(f"{r['rss_mib']:.1f}" for r in results) + " |")
     if all("list" in r for r in results):
@@ -312,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=30.0, help="seconds from the start to the first case")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of a load before it is measured")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=2, help="every case this many times, order reversed")
     parser.add_argument("--pairs", type=int, default=5)
     parser.add_argument("--skip", default="", help="comma-separated: parts, list")
     parser.add_argument("--json", type=Path)

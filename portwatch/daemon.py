@@ -3,7 +3,8 @@
 One thread runs the loop below; hooks run on the hook runner's threads. The
 loop sleeps in one `select` over a signal wake-up pipe, the config watcher's
 inotify fd and the proc connector, so a signal, a config edit or a new
-process wakes it at once. Signal handlers only set flags. The decisions are
+process wakes it at once (while a look at young processes is coming, the
+connector's events wait for it instead). Signal handlers only set flags. The decisions are
 pure and live elsewhere: what to report (snapshot.diff, judge.Judge), when to
 scan early and when to save (pace), how to scan (scan.Scanner).
 """
@@ -72,7 +73,7 @@ class Scans(Protocol):
     def netns_problem(self) -> str | None: ...
 
     def forget_processes(self, pids: Iterable[int]) -> None: ...
-    def peek(self, pids: Collection[int]) -> bool: ...
+    def peek(self, pids: Collection[int], *, fresh: Collection[int] = ()) -> bool: ...
     def capabilities(self) -> int | None: ...
     def watch_namespaces(self, wanted: bool) -> None: ...
     def close(self) -> None: ...
@@ -264,7 +265,7 @@ class Daemon:
         if now < self.pace.next_scan(now):
             return
         early = self.pace.early(now)
-        if early and not self.scanner.peek(self.pace.young(now)):
+        if early and not self.scanner.peek(self.pace.due(now), fresh=self.pace.fresh()):
             self.pace.scanning(now)
             return
         self.tick(early=early)

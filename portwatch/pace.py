@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 # After a fork or exec, look at the new process every EARLY_SCAN_PERIOD for EARLY_SCAN_WINDOW: a
-# new server usually binds within a few hundred milliseconds of starting. The first look is a
-# period after the event, so a process that exits at once (cron jobs, monitoring scripts, the
-# bulk of what a busy host starts) is gone by then and costs nothing.
+# new server usually binds within a few hundred milliseconds of starting. A process is looked at
+# from a period after its event (read when the event is, at the latest at the next look), so
+# one that exits at once (cron jobs, monitoring scripts, the bulk of what a busy host starts) is
+# gone by then and costs no look.
 EARLY_SCAN_PERIOD = 0.1
 EARLY_SCAN_WINDOW = 1.0
 # The state file is rewritten at most this often once what a restart must not repeat changed
@@ -23,36 +24,54 @@ class Pacer:
     process the proc connector saw fork or exec within EARLY_SCAN_WINDOW is still running (its
     exit ends that)."""
 
-    __slots__ = ("_young", "execs", "interval", "last_scan", "next_regular")
+    __slots__ = ("_fresh", "_young", "execs", "interval", "last_scan", "next_regular")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.last_scan = float("-inf")  # when the last scan (or look at young processes) began
         self.next_regular = float("-inf")
         self._young: dict[int, float] = {}  # pid -> when it forked or exec'd, until it exits
+        self._fresh: set[int] = set()  # young pids that forked or exec'd since the last look
         self.execs: list[int] = []  # exec'd since the last take(): their details must be read again
 
     def saw(self, events: Iterable[tuple[str, int]], now: float) -> None:
         """The proc connector's (kind, pid) events; an overrun loses the young processes (a
         regular scan looks at every new process anyway)."""
-        young = self._young
+        young, fresh = self._young, self._fresh
         for kind, pid in events:
             if kind == "fork":
                 young[pid] = now
+                fresh.add(pid)
             elif kind == "exec":
                 young[pid] = now  # a new program: its window starts again
+                fresh.add(pid)
                 self.execs.append(pid)
             elif kind == "exit":
                 young.pop(pid, None)
+                fresh.discard(pid)
             elif kind == "overrun":
                 young.clear()
+                fresh.clear()
 
     def young(self, now: float) -> set[int]:
         """The processes that started or exec'd within the window and have not exited."""
         oldest = now - EARLY_SCAN_WINDOW
         if any(t <= oldest for t in self._young.values()):
             self._young = {pid: t for pid, t in self._young.items() if t > oldest}
+            self._fresh &= self._young.keys()
         return set(self._young)
+
+    def fresh(self) -> set[int]:
+        """The young processes that forked or exec'd since the last call: what was seen of them
+        before (a pid reused, a program replaced) no longer holds."""
+        fresh, self._fresh = self._fresh, set()
+        return fresh
+
+    def due(self, now: float) -> set[int]:
+        """The young processes that started or exec'd at least EARLY_SCAN_PERIOD ago: those worth
+        a look now (a younger one has most likely not even exec'd its program yet)."""
+        settled = now - EARLY_SCAN_PERIOD
+        return {pid for pid, t in self._young.items() if now - EARLY_SCAN_WINDOW < t <= settled}
 
     def take(self, now: float) -> tuple[set[int], list[int]]:
         """The pids to read at a scan now (the young ones), and those that exec'd since the last

@@ -64,10 +64,20 @@ class TableRead:
 class ProcFS:
     """Reads /proc under `root` (a parameter so tests and containers can point elsewhere)."""
 
-    def __init__(self, root: str = DEFAULT_ROOT, byteorder: ByteOrder | None = None) -> None:
+    def __init__(self, root: str = DEFAULT_ROOT, byteorder: ByteOrder | None = None, *,
+                 counts_fds: bool | None = None) -> None:
         self.root = root
         self.byteorder: ByteOrder = byteorder or ("little" if sys.byteorder == "little" else "big")
         self._users: dict[int, str | None] = {}
+        # Whether /proc/<pid>/fd's size is its number of open fds (Linux 6.2+; 0 before): asked
+        # of the kernel once, as this process holds fds (None: probe; False: act as if not).
+        self.counts_fds = self._probe_fd_counts() if counts_fds is None else counts_fds
+
+    def _probe_fd_counts(self) -> bool:
+        try:
+            return os.stat(f"{self.root}/self/fd").st_size > 0
+        except OSError:
+            return False
 
     # -- socket tables -------------------------------------------------------
 
@@ -191,6 +201,8 @@ class ProcFS:
         """How many fds `pid` has open, through its kept directory fd (or -1: by path): the size
         /proc/<pid>/fd reports (Linux 6.2+). 0 when the kernel does not say; None once the
         process has exited. One call, whatever the number of fds."""
+        if not self.counts_fds:
+            return 0
         try:
             return (os.fstat(dfd) if dfd >= 0 else os.stat(f"{self.root}/{pid}/fd")).st_size
         except OSError as exc:
@@ -204,7 +216,7 @@ class ProcFS:
             st = os.stat(f"{self.root}/{pid}/fd")
         except OSError:
             return None, 0
-        return st.st_uid, st.st_size
+        return st.st_uid, st.st_size if self.counts_fds else 0
 
     def process(self, pid: int) -> Process | None:
         """Who `pid` is: comm, exe, cmdline, uid, user, unit. None when it has exited.

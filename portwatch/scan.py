@@ -242,9 +242,9 @@ class Scanner:
     def forget_processes(self, pids: Iterable[int]) -> None:
         self.tracker.forget_processes(pids)
 
-    def peek(self, pids: Collection[int]) -> bool:
+    def peek(self, pids: Collection[int], *, fresh: Collection[int] = ()) -> bool:
         """Whether an early scan of these young processes can find anything (OwnerTracker.peek)."""
-        return self.tracker.peek(pids)
+        return self.tracker.peek(pids, fresh=fresh)
 
     def capabilities(self) -> int | None:
         """The effective capabilities this process reads /proc with."""
@@ -510,7 +510,7 @@ class OwnerTracker:
                                      still_listed=still_listed)
         self._rotate(current, listening, walked, on_progress)
         if gone:
-            sockets, same = [s for s in sockets if s.inode not in gone], False
+            sockets, same = self._without(sockets, gone), False
         return self._finish(sockets, complete, same, netns_of, host)
 
     def update_early(
@@ -525,20 +525,33 @@ class OwnerTracker:
         _, gone = self._resolve(self._known.union(hint_pids), hint_pids, sockets, listening, on_progress,
                                 still_listed=still_listed)
         if gone:
-            sockets, same = [s for s in sockets if s.inode not in gone], False
+            sockets, same = self._without(sockets, gone), False
         return self._finish(sockets, complete, same, netns_of, host)
 
-    def peek(self, pids: Collection[int]) -> bool:
+    def _without(self, sockets: list[Socket], gone: set[int]) -> list[Socket]:
+        """The listing without the sockets found closed meanwhile; remembered as the last one, so
+        the next listing is compared with what the snapshot holds."""
+        kept = [s for s in sockets if s.inode not in gone]
+        self._sockets, self._inodes = kept, [s.inode for s in kept]
+        self._listening = self._listening - gone
+        return kept
+
+    def peek(self, pids: Collection[int], *, fresh: Collection[int] = ()) -> bool:
         """Whether one of these young processes holds a socket it did not hold when last peeked
         at: only then can an early scan find something (a new listener, a forked worker sharing
-        its parent's). A process that cannot be read counts as changed."""
+        its parent's, a holder that exec'd: `fresh` are those that forked or exec'd since, whose
+        earlier look no longer counts). A process that cannot be read counts as changed. A
+        socket seen before it listens (a server that resolves names between bind and listen) is
+        not looked for again: its listener waits for the next regular scan."""
         before, self._peeked = self._peeked, {}
+        for pid in fresh:
+            before.pop(pid, None)
         changed = False
         for pid in pids:
             dfd = kept = self.dirs.get(pid)
             try:
                 if dfd < 0:
-                    dfd = self.procfs.open_fd_dir(pid)
+                    dfd = self.dirs.open(pid)
                 inodes = frozenset(self.procfs.socket_fds_at(dfd)[0].values())
             except ProcessGone:
                 continue
@@ -587,14 +600,17 @@ class OwnerTracker:
 
     def _recheck(self) -> None:
         """Drop the holder fds that changed (closed, exited, replaced): see schedule.RecheckTurns.
-        A holder with as many fds open as at its last whole look costs one fstat: it has
-        neither exited nor closed one (a close and an open in one interval wait for the rotation)."""
+        A holder whose kept directory fd says it has as many fds open as at its last whole look
+        costs one fstat: it has not exited, and has closed none (or opened another in the same
+        interval: that waits for the rotation, which reads holders whole)."""
         turn = self.turns.next()
         read, rechecked = self._fd_counts, self._rechecked
         for pid in list(self.index.pids()):
             fds = self.index.fds(pid)
             dfd = self.dirs.get(pid)
-            count = self.procfs.fd_count(pid, dfd)
+            # By path (past the budget of kept directory fds) a pid may be another process's
+            # now: only a kept fd vouches for the count.
+            count = self.procfs.fd_count(pid, dfd) if dfd >= 0 else 0
             if count is None:
                 stale = list(fds)  # it exited
             elif count and count == rechecked.get(pid, read.get(pid)):
@@ -655,9 +671,10 @@ class OwnerTracker:
         return missing
 
     def _look(self, pid: int) -> tuple[int | None, bool]:
-        """Its uid, and whether its fd count changed since it was last read (or is not known)."""
+        """Its uid, and whether its fd count changed since it was last read (never read: yes;
+        a kernel that does not count: no, or every process would be a likely one)."""
         uid, count = self.procfs.fd_look(pid)
-        return uid, not count or count != self._fd_counts.get(pid)
+        return uid, bool(count) and count != self._fd_counts.get(pid, -1)
 
     def _rotate(
         self, current: set[int], listening: set[int], walked: set[int], on_progress: Callable[[], None] | None
@@ -666,10 +683,10 @@ class OwnerTracker:
         Outside a thorough round, a process that holds no listener and has as many fds open as
         when last read is left unread (one stat)."""
         step = [pid for pid in self.rotation.step() if pid in current and pid not in walked]
-        if not self.rotation.thorough():
+        if self.procfs.counts_fds and not self.rotation.thorough():
             counts, holds, denied = self._fd_counts, self.index.holds, self._denied
             step = [pid for pid in step if holds(pid) or pid in denied
-                    or not (count := self.procfs.fd_count(pid, -1)) or count != counts.get(pid)]
+                    or (count := self.procfs.fd_count(pid, -1)) is None or count != counts.get(pid)]
         self._read_all(step, listening, walked, on_progress)
         self._refresh.update(pid for pid in step if self.index.holds(pid))
 

@@ -1,7 +1,7 @@
 """Which processes the owner tracker reads at each tick, and in what order. Pure.
 
-- Every fd of a holder is re-checked once per RECHECK_TICKS regular ticks, one
-  of its fds at the others (`RecheckTurns`).
+- A holder whose fd count changed has every fd re-checked once per
+  RECHECK_TICKS regular ticks, one of its fds at the others (`RecheckTurns`).
 - Processes seen starting, exec'ing or opening a listener lately are searched
   first for a new inode, then those whose fd count changed, then those of the
   socket's uid (`SearchOrder`).
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator
 
-# Every fd of a holder is re-checked once per this many ticks, one of them at the others: a
-# holder's exit is still seen at the next tick (every readlink through its fd directory fails
-# then), and an fd closed by a running holder (an owner set shrinking, rare) within 4.
+# Every fd of a holder whose fd count changed is re-checked once per this many ticks, one of
+# them at the others: a holder's exit is still seen at the next tick (every read through its fd
+# directory fails then), and an fd closed by a running holder (an owner set shrinking) within 4.
 RECHECK_TICKS = 4
 # Processes first seen within this many ticks are searched first for a new inode.
 RECENT_TICKS = 120

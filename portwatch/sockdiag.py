@@ -92,8 +92,8 @@ class Dumper:
         # quiet host each reply is byte for byte the one before (same sockets, same queue
         # lengths), and hashing 8 KiB of bytes costs a fiftieth of parsing them.
         self._before: dict[tuple[Proto, int, int], _Reply] = {}
-        # The last listing and what it asked for. Never mutated by its users (the tracker and
-        # Namespaces copy before adding to it), so an unchanged listing hands back this object.
+        # The last listing and what it asked for. Never mutated by its users (Namespaces copies it
+        # before adding other namespaces' sockets), so an unchanged listing hands back this object.
         self._listed: list[Socket] = []
         self._jobs: list[tuple[Proto, int]] = []
 

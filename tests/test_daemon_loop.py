@@ -6,8 +6,11 @@ hooks and saves its state, across reloads and restarts. Nothing sleeps, no /proc
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import selectors
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from portwatch.hooks import HookRunner
 from portwatch.log import EventLog
 from portwatch.model import Listener, Process, Proto, Snapshot, Socket, Unresolved
 from portwatch.pace import EARLY_SCAN_PERIOD, STATE_SAVE_CHANGES_EVERY, STATE_SAVE_EVERY
+from portwatch.procconn import ProcConnector
 from portwatch.scan import ScanResult
 from portwatch.state import StateStore
 
@@ -90,7 +94,7 @@ class FakeScanner:
     def forget_processes(self, pids: Iterable[int]) -> None:
         self.forgotten += pids
 
-    def peek(self, pids: Collection[int]) -> bool:
+    def peek(self, pids: Collection[int], *, fresh: Collection[int] = ()) -> bool:
         self.calls.append(("peek", set(pids)))
         return self.young_changed
 
@@ -350,3 +354,59 @@ def test_an_early_scan_happens_only_when_a_young_process_holds_a_new_socket(worl
     scanner.then(listener(6, 8080, WEB))
     daemon._scan_when_due()  # a regular scan needs no peek
     assert scanner.calls[-1] == ("regular", set())
+
+
+class QueuedEvents:
+    """Proc connector events queued on a real pipe: readable while some wait."""
+
+    def __init__(self) -> None:
+        self.rfd, self.wfd = os.pipe2(os.O_NONBLOCK)
+        self.queued: list[tuple[str, int]] = []
+
+    def push(self, *events: tuple[str, int]) -> None:
+        self.queued += events
+        os.write(self.wfd, b"x")
+
+    def fileno(self) -> int:
+        return self.rfd
+
+    def read_events(self) -> list[tuple[str, int]]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.rfd, 4096)
+        events, self.queued = self.queued, []
+        return events
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        os.close(self.wfd)
+
+
+def test_events_wait_for_a_coming_early_look_and_a_process_gone_by_then_costs_no_look(world: World) -> None:
+    """A fork wakes the daemon; until the look it brings, events queue instead of waking it, and
+    read all at once then, an exit among them leaves nothing to look at."""
+    daemon, scanner, _, _ = world.daemon()
+    events = QueuedEvents()
+    daemon.proc_events = _as(ProcConnector, events)
+    sel = selectors.DefaultSelector()
+    try:
+        scanner.then()
+        daemon.start()
+        now = world.clock.now
+        daemon._follow_proc_events(sel, not daemon.pace.waiting(now))
+        events.push(("fork", 41))
+        assert [key.data for key, _ in sel.select(0)] == ["proc"]
+        daemon._read_proc_events()
+        daemon._follow_proc_events(sel, not daemon.pace.waiting(now))
+        events.push(("exec", 41), ("exit", 41))
+        assert sel.select(0) == []  # a look is coming: no wake-up per event
+        world.clock.now = now + EARLY_SCAN_PERIOD
+        daemon._read_proc_events()  # as the loop does when the look is due
+        calls = len(scanner.calls)
+        daemon._scan_when_due()
+        assert len(scanner.calls) == calls  # gone: neither peeked at nor scanned
+        daemon._follow_proc_events(sel, not daemon.pace.waiting(world.clock.now))
+        events.push(("fork", 42))
+        assert [key.data for key, _ in sel.select(0)] == ["proc"]
+    finally:
+        sel.close()
+        events.close()

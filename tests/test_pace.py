@@ -41,6 +41,24 @@ def test_processes_starting_bring_early_scans_while_they_run_within_the_window()
     assert pace.next_scan(100.5 + EARLY_SCAN_WINDOW) == 101.0 and not pace.waiting(101.6)
 
 
+def test_a_process_is_due_a_look_a_period_after_it_started_until_the_window_ends() -> None:
+    pace = Pacer(1.0)
+    pace.saw([("fork", 7)], 100.0)
+    pace.saw([("fork", 8)], 100.08)
+    assert pace.due(100.05) == set() and pace.due(100.1) == {7}
+    assert pace.due(100.2) == {7, 8} and pace.due(100.0 + EARLY_SCAN_WINDOW) == {8}
+
+
+def test_fresh_are_the_young_that_forked_or_execd_since_the_last_look() -> None:
+    pace = Pacer(1.0)
+    pace.saw([("fork", 7), ("fork", 8), ("exit", 8)], 100.0)
+    assert pace.fresh() == {7} and pace.fresh() == set()
+    pace.saw([("exec", 7), ("fork", 9)], 100.5)
+    assert pace.young(101.2) == {7, 9} and pace.fresh() == {7, 9}
+    pace.saw([("fork", 10)], 100.6)
+    assert pace.young(101.7) == set() and pace.fresh() == set()  # gone with the window
+
+
 def test_an_exit_ends_the_early_scans_of_a_process() -> None:
     pace = Pacer(1.0)
     pace.scanning(100.0)
