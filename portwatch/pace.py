@@ -30,7 +30,8 @@ class Pacer:
         self.interval = interval
         self.last_scan = float("-inf")  # when the last scan (or look at young processes) began
         self.next_regular = float("-inf")
-        self._young: dict[int, float] = {}  # pid -> when it forked or exec'd, until it exits
+        # pid -> (when it was first seen start, when its window ends), until it exits
+        self._young: dict[int, tuple[float, float]] = {}
         self._fresh: set[int] = set()  # young pids that forked or exec'd since the last look
         self.execs: list[int] = []  # exec'd since the last take(): their details must be read again
 
@@ -40,10 +41,12 @@ class Pacer:
         young, fresh = self._young, self._fresh
         for kind, pid in events:
             if kind == "fork":
-                young[pid] = now
+                young[pid] = (now, now + EARLY_SCAN_WINDOW)
                 fresh.add(pid)
             elif kind == "exec":
-                young[pid] = now  # a new program: its window starts again
+                # A new program: its window starts again, but the look is not put off (the exec
+                # of a fork read late, at a look, would put off the look at what it runs).
+                young[pid] = (young[pid][0] if pid in young else now, now + EARLY_SCAN_WINDOW)
                 fresh.add(pid)
                 self.execs.append(pid)
             elif kind == "exit":
@@ -55,9 +58,8 @@ class Pacer:
 
     def young(self, now: float) -> set[int]:
         """The processes that started or exec'd within the window and have not exited."""
-        oldest = now - EARLY_SCAN_WINDOW
-        if any(t <= oldest for t in self._young.values()):
-            self._young = {pid: t for pid, t in self._young.items() if t > oldest}
+        if any(until <= now for _, until in self._young.values()):
+            self._young = {pid: times for pid, times in self._young.items() if times[1] > now}
             self._fresh &= self._young.keys()
         return set(self._young)
 
@@ -71,7 +73,7 @@ class Pacer:
         """The young processes that started or exec'd at least EARLY_SCAN_PERIOD ago: those worth
         a look now (a younger one has most likely not even exec'd its program yet)."""
         settled = now - EARLY_SCAN_PERIOD
-        return {pid for pid, t in self._young.items() if now - EARLY_SCAN_WINDOW < t <= settled}
+        return {pid for pid, (since, until) in self._young.items() if since <= settled and now < until}
 
     def take(self, now: float) -> tuple[set[int], list[int]]:
         """The pids to read at a scan now (the young ones), and those that exec'd since the last
@@ -89,7 +91,7 @@ class Pacer:
         young = self.young(now)
         if not young:
             return self.next_regular
-        first_due = min(self._young[pid] for pid in young) + EARLY_SCAN_PERIOD
+        first_due = min(self._young[pid][0] for pid in young) + EARLY_SCAN_PERIOD
         return min(self.next_regular, max(self.last_scan + EARLY_SCAN_PERIOD, first_due))
 
     def early(self, now: float) -> bool:

@@ -49,6 +49,17 @@ def test_a_process_is_due_a_look_a_period_after_it_started_until_the_window_ends
     assert pace.due(100.2) == {7, 8} and pace.due(100.0 + EARLY_SCAN_WINDOW) == {8}
 
 
+def test_an_exec_read_late_does_not_put_off_the_look_at_the_program() -> None:
+    """The fork wakes the daemon; the exec that follows at once waits in the queue for the look
+    and is read with it: the program is looked at then, and for a window from its exec."""
+    pace = Pacer(1.0)
+    pace.scanning(100.0)
+    pace.saw([("fork", 7)], 100.0)
+    pace.saw([("exec", 7)], 100.1)
+    assert pace.due(100.1) == {7} and pace.next_scan(100.1) <= 100.1
+    assert pace.young(100.0 + EARLY_SCAN_WINDOW) == {7} and pace.young(100.1 + EARLY_SCAN_WINDOW) == set()
+
+
 def test_fresh_are_the_young_that_forked_or_execd_since_the_last_look() -> None:
     pace = Pacer(1.0)
     pace.saw([("fork", 7), ("fork", 8), ("exit", 8)], 100.0)
