@@ -70,7 +70,7 @@ class Pacer:
         return fresh
 
     def due(self, now: float) -> set[int]:
-        """The young processes that started or exec'd at least EARLY_SCAN_PERIOD ago: those worth
+        """The young processes first seen starting at least EARLY_SCAN_PERIOD ago: those worth
         a look now (a younger one has most likely not even exec'd its program yet)."""
         settled = now - EARLY_SCAN_PERIOD
         return {pid for pid, (since, until) in self._young.items() if since <= settled and now < until}
