@@ -44,7 +44,7 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from run import ROOT, Daemon, Scene, Tree, clean_env, tick_parts, timed  # noqa: E402
+from run import LISTENER, ROOT, Daemon, Scene, Tree, clean_env, one_shot, tick_parts  # noqa: E402
 
 HELPERS = 20
 HELPER = r"""
@@ -60,13 +60,6 @@ for line in sys.stdin:
         held.pop(0).close()
     sys.stdout.write("ok\n")
     sys.stdout.flush()
-"""
-SHORT = r"""
-import socket, time
-s = socket.socket()
-s.bind(("127.0.0.1", 0))
-s.listen(8)
-time.sleep(0.5)
 """
 # ms of whole-process CPU per second: (scene, case) -> limit, or a multiple of quiet
 TARGETS: dict[tuple[str, str], tuple[str, float]] = {
@@ -175,7 +168,8 @@ class ShortLived:
 
     def step(self) -> None:
         if len(self.alive) < 10:
-            self.alive.append(subprocess.Popen([self.python, "-S", "-c", SHORT], env=clean_env()))
+            self.alive.append(subprocess.Popen([self.python, "-S", "-c", LISTENER, "0.5"],
+                                               stdout=subprocess.DEVNULL, env=clean_env()))
 
     def tidy(self) -> None:
         self.alive = [p for p in self.alive if p.poll() is None]
@@ -235,28 +229,13 @@ def bench_scene(name: str, tree: Tree, workdir: Path, opts: argparse.Namespace) 
         daemon.stop()
         daemon = None
         if "list" not in opts.skip:
-            result["list"] = one_shot_ss(tree, opts.pairs)
+            result["list"] = one_shot(tree, opts.pairs, ("ss -ltnup",))["ss -ltnup"]
     finally:
         if daemon is not None:
             daemon.stop()
         helpers.close()
         scene.close()
     return result
-
-
-def one_shot_ss(tree: Tree, pairs: int) -> dict[str, Any]:
-    """`portwatch list` against `ss -ltnup`: wall times of alternating pairs, median of the ratios."""
-    mine, theirs = (tree.argv("list"), tree.env()), (["ss", "-ltnup"], None)
-    timed(*mine)
-    timed(*theirs)  # warm caches for both
-    ours, ss = [], []
-    for i in range(pairs):
-        first, second = (mine, theirs) if i % 2 == 0 else (theirs, mine)
-        a, b = timed(*first)[0], timed(*second)[0]
-        ours.append(a if first is mine else b)
-        ss.append(b if first is mine else a)
-    return {"ratio": statistics.median(a / b for a, b in zip(ours, ss, strict=True)),
-            "portwatch_s": statistics.median(ours), "ss_s": statistics.median(ss)}
 
 
 def verdicts(r: dict[str, Any]) -> list[str]:

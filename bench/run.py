@@ -188,7 +188,8 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, fl
     return wall, cpu, out.count(b"\n")
 
 
-def one_shot(tree: Tree, pairs: int) -> dict[str, Any]:
+def one_shot(tree: Tree, pairs: int, tools: Sequence[str] = ("ss -ltnup", "netstat -ltnup", "psutil")
+             ) -> dict[str, Any]:
     mine = (tree.argv("list"), tree.env())
     others = {
         "ss -ltnup": (["ss", "-ltnup"], None),
@@ -196,7 +197,8 @@ def one_shot(tree: Tree, pairs: int) -> dict[str, Any]:
         "psutil": ([tree.python, "-c", PSUTIL_LIST], clean_env()),
     }
     result: dict[str, Any] = {}
-    for name, (argv, env) in others.items():
+    for name in tools:
+        argv, env = others[name]
         timed(*mine)
         timed(argv, env)  # warm caches for both
         ours: list[tuple[float, float, int]] = []
