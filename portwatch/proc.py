@@ -197,21 +197,21 @@ class ProcFS:
         except OSError:
             return None
 
-    def fd_count(self, pid: int, dfd: int) -> int | None:
-        """How many fds `pid` has open, through its kept directory fd (or -1: by path): the size
+    def fd_count(self, dfd: int) -> int | None:
+        """How many fds the process of a directory fd from `open_fd_dir` has open: the size
         /proc/<pid>/fd reports (Linux 6.2+). 0 when the kernel does not say; None once the
         process has exited. One call, whatever the number of fds."""
         if not self.counts_fds:
             return 0
         try:
-            return (os.fstat(dfd) if dfd >= 0 else os.stat(f"{self.root}/{pid}/fd")).st_size
+            return os.fstat(dfd).st_size
         except OSError as exc:
             return None if exc.errno in GONE else 0
 
     def fd_look(self, pid: int) -> tuple[int | None, int]:
         """The uid owning /proc/<pid>/fd (the process's effective uid, root when it is not
-        dumpable) and its fd count (as
-        fd_count, 0 when not known), from one stat. (None, 0) when it cannot be seen."""
+        dumpable) and its fd count by path (as fd_count; 0 when not known), from one stat.
+        (None, 0) when it cannot be seen."""
         try:
             st = os.stat(f"{self.root}/{pid}/fd")
         except OSError:

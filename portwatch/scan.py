@@ -610,7 +610,7 @@ class OwnerTracker:
             dfd = self.dirs.get(pid)
             # By path (past the budget of kept directory fds) a pid may be another process's
             # now: only a kept fd vouches for the count.
-            count = self.procfs.fd_count(pid, dfd) if dfd >= 0 else 0
+            count = self.procfs.fd_count(dfd) if dfd >= 0 else 0
             if count is None:
                 stale = list(fds)  # it exited
             elif count and count == rechecked.get(pid, read.get(pid)):
@@ -686,7 +686,7 @@ class OwnerTracker:
         if self.procfs.counts_fds and not self.rotation.thorough():
             counts, holds, denied = self._fd_counts, self.index.holds, self._denied
             step = [pid for pid in step if holds(pid) or pid in denied
-                    or (count := self.procfs.fd_count(pid, -1)) is None or count != counts.get(pid)]
+                    or not (count := self.procfs.fd_look(pid)[1]) or count != counts.get(pid)]
         self._read_all(step, listening, walked, on_progress)
         self._refresh.update(pid for pid in step if self.index.holds(pid))
 

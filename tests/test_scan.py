@@ -133,9 +133,9 @@ class CountingProcFS(ProcFS):
         self.listings = self.reads = self.rechecked = self.counted = 0
         self.opened = []
 
-    def fd_count(self, pid: int, dfd: int) -> int | None:
+    def fd_count(self, dfd: int) -> int | None:
         self.counted += 1
-        return super().fd_count(pid, dfd)
+        return super().fd_count(dfd)
 
     def open_fd_dir(self, pid: int) -> int:
         self.opened.append(pid)
@@ -332,11 +332,11 @@ def test_fd_count_is_the_number_of_open_fds_where_the_kernel_says_it() -> None:
     try:
         dfd = procfs.open_fd_dir(child.pid)
         try:
-            assert procfs.fd_count(child.pid, -1) == procfs.fd_count(child.pid, dfd) == (3 if counts else 0)
-            assert ProcFS(counts_fds=False).fd_count(child.pid, dfd) == 0
+            assert procfs.fd_look(child.pid)[1] == procfs.fd_count(dfd) == (3 if counts else 0)
+            assert ProcFS(counts_fds=False).fd_count(dfd) == 0
             child.kill()
             child.wait()
-            assert procfs.fd_count(child.pid, dfd) == (None if counts else 0)
+            assert procfs.fd_count(dfd) == (None if counts else 0)
         finally:
             os.close(dfd)
     finally:
