@@ -15,13 +15,13 @@ import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
-from enum import IntEnum
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn
 
 from portwatch import __version__
 from portwatch.access import advice
 from portwatch.activation import Unavailable, UnitCache, match
-from portwatch.model import NetNs, Proto, is_manager
+from portwatch.model import Listener, NetNs, Proto, is_manager, on_host
+from portwatch.output import ExitStatus, print_json, print_table, terminal_columns
 from portwatch.proc import ProcFS
 from portwatch.procfd import AccessDenied, ProcessGone
 from portwatch.procfs import ProcParseError
@@ -34,7 +34,6 @@ from portwatch.render import (
     listener_rows,
     process_ports_json,
     process_rows,
-    table,
 )
 from portwatch.scan import SocketLister, Source, full_scan, own_netns, socket_units
 from portwatch.sockdiag import SockDiagUnavailable
@@ -43,16 +42,9 @@ from portwatch.text import escape
 from portwatch.walk import Walk
 
 if TYPE_CHECKING:
+    from portwatch.config import Config
     from portwatch.namespaces import Namespaces
-
-
-class ExitStatus(IntEnum):
-    OK = 0
-    NOT_FOUND = BLOCKED = 1  # `who`: nothing listens on that port; `why`: it cannot be bound
-    USAGE = 2  # bad arguments (argparse's convention)
-    DATA_ERROR = 65  # EX_DATAERR: a /proc table we could not parse or read
-    IO_ERROR = 74  # EX_IOERR: the output could not be written
-    CONFIG_ERROR = 78  # EX_CONFIG: the unit sets RestartPreventExitStatus=78
+    from portwatch.policy import PortRange
 
 
 DESCRIPTION = """\
@@ -63,13 +55,17 @@ examples:
   portwatch list --tcp        every TCP listener with every process holding it
   portwatch who 80            who holds TCP port 80 (exit status 1 when nobody does)
   portwatch ps --json         every process with the ports it listens on, as JSON
+  portwatch baseline -o /etc/portwatch.yaml   a policy from what listens now
   portwatch check --config /etc/portwatch.yaml
+  portwatch explain --config /etc/portwatch.yaml   what the daemon would decide
   portwatch run --config /etc/portwatch.yaml
+  portwatch history 8080 --at "2026-12-01 15:00"   who held it then (from the journal)
 
 Run as root (or with CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH) to name the owner
-of every socket. Exit status: 0 ok, 1 `who` found nothing, 2 usage error,
-65 /proc or a socket table could not be read, 74 the output could not be
-written, 78 invalid config."""
+of every socket. Exit status: 0 ok, 1 `who` found nothing (`why`: cannot bind,
+`explain`: a reserved port is taken, `history`: no entry), 2 usage error,
+65 /proc, a socket table or the journal could not be read, 70 internal error,
+74 the output could not be written, 78 invalid config."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,24 +81,24 @@ class _Parser(argparse.ArgumentParser):
         return argparse.RawDescriptionHelpFormatter(prog=self.prog, width=terminal_columns() - 2)
 
 
-def terminal_columns() -> int:
-    """What shutil.get_terminal_size().columns says, without importing shutil."""
-    try:
-        columns = int(os.environ.get("COLUMNS", "0"))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return columns or 80
-
-
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a number 1-65535")
     return int(text)
+
+
+def _port_list(text: str) -> tuple[tuple[int, int], ...]:
+    """`22,80,8000-8099` as inclusive (first, last) ranges."""
+    spans = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise argparse.ArgumentTypeError(f"invalid port list {text!r}: expected e.g. 22,80,8000-8099")
+        low, high = _port(first), _port(last) if dash else _port(first)
+        if low > high:
+            raise argparse.ArgumentTypeError(f"range {part.strip()!r} is reversed")
+        spans.append((low, high))
+    return tuple(spans)
 
 
 def _address(text: str) -> str:
@@ -157,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     fam = p_list.add_mutually_exclusive_group()
     fam.add_argument("-4", dest="ipv4", action="store_true", help="IPv4 only")
     fam.add_argument("-6", dest="ipv6", action="store_true", help="IPv6 only")
+    p_list.add_argument(
+        "--all", action="store_true",
+        help="also the ephemeral UDP sockets of clients (unconnected, on a port the kernel hands out "
+        "to clients: net.ipv4.ip_local_port_range, minus ip_local_reserved_ports), hidden by default",
+    )
+    p_list.add_argument(
+        "--config", default=None,
+        help="the config whose reserved UDP ports are never hidden (default /etc/portwatch.yaml, "
+        "when it exists)",
+    )
 
     p_who = view(
         "who", "every process holding a listener on PORT (exit status 1 when none)", "portwatch who 22"
@@ -179,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the address the server would bind (default 0.0.0.0; [::] or :: for IPv6, which "
         "also takes IPv4 unless net.ipv6.bindv6only is set)",
     )
+
+    _policy_commands(view, command)
 
     p_check = command(
         "check", "validate the config file: ok, or one PATH:LINE: problem line each (exit status 78)",
@@ -207,6 +215,65 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not use the proc connector to rescan early when processes start",
     )
     return parser
+
+
+Maker = Callable[[str, str, str], argparse.ArgumentParser]
+
+
+def _policy_commands(view: Maker, command: Maker) -> None:
+    """baseline, explain and history: from the host to a policy, its dry run, and the journal."""
+    p_baseline = view(
+        "baseline", "a complete, commented config reserving today's listening ports for today's "
+        "owners (to stdout, or -o FILE)",
+        "portwatch baseline -o /etc/portwatch.yaml",
+    )
+    p_baseline.add_argument(
+        "--ports", type=_port_list, metavar="LIST",
+        help="only these ports, e.g. 22,80,8000-8099 (default: the ports below 1024 and every port "
+        "a systemd service holds)",
+    )
+    p_baseline.add_argument("--all", action="store_true", help="every listening port")
+    p_baseline.add_argument(
+        "--config", metavar="EXISTING", default=None,
+        help="keep this config's rules, hooks and settings and add rules only for ports it does not "
+        "reserve yet (stderr says which)",
+    )
+    p_baseline.add_argument("-o", "--output", metavar="FILE", default=None,
+                            help="write the config to FILE (atomically) instead of stdout")
+
+    p_explain = view(
+        "explain", "the policy's dry run on this host: for each listener, its rule, which allow "
+        "entry each holder matches (or why none does), and the daemon's verdict (exit status 1 "
+        "when a reserved port is taken)",
+        "portwatch explain 22 --config /etc/portwatch.yaml",
+    )
+    p_explain.add_argument("port", type=_port, nargs="?", metavar="PORT", help="only the listeners on PORT")
+    p_explain.add_argument("--udp", action="store_true", help="UDP instead of TCP (with PORT)")
+    p_explain.add_argument("--config", default=None, help="config file (default /etc/portwatch.yaml)")
+
+    p_history = command(
+        "history", "a port's timeline read back from portwatch's entries in the journal: opened, "
+        "owner changed, closed, taken, conflicts; --at: who held it then",
+        "portwatch history 8080 --since yesterday",
+    )
+    p_history.add_argument("port", type=_port, nargs="?", metavar="PORT", help="only this port")
+    p_history.add_argument("--udp", action="store_true", help="UDP instead of TCP (with PORT)")
+    p_history.add_argument("--since", metavar="TIME", help="entries from TIME on (journalctl's forms: "
+                           '"2026-12-01 15:00", yesterday, @EPOCH; a relative one as --since=-2h)')
+    p_history.add_argument("--until", metavar="TIME", help="entries up to TIME")
+    p_history.add_argument("--at", metavar="TIME", help="who held the port(s) at TIME (not with --since or "
+                           "--until: it reads every entry before TIME)")
+    p_history.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    where = p_history.add_mutually_exclusive_group()
+    where.add_argument("--directory", metavar="DIR",
+                       help="read the journal files in DIR (one copied from another host)")
+    where.add_argument("--file", metavar="FILE", action="append",
+                       help="read this journal file (may be given more than once)")
+    p_history.add_argument(
+        "--unit", default="portwatch.service",
+        help="the unit the daemon runs as (default portwatch.service): only its entries are read, "
+        "as journald vouches for a unit and any process can write PORTWATCH_* fields",
+    )
 
 
 def console(walk: Walk | None = None) -> NoReturn:
@@ -271,6 +338,10 @@ def _os_error(exc: OSError) -> int:
 def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
     if args.command == "check":
         return _check(args)
+    if args.command == "history":
+        from portwatch.history import command  # noqa: PLC0415 (only this command reads the journal)
+
+        return command(args)
     if args.command == "run":
         from portwatch.daemon import run_from_args  # noqa: PLC0415 (keeps one-shot views light)
 
@@ -286,6 +357,10 @@ def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
             return _ps(args, procfs, lister)
         if args.command == "why":
             return _why(args, procfs, lister)
+        if args.command == "baseline":
+            return _baseline(args, procfs, lister)
+        if args.command == "explain":
+            return _explain(args, procfs, lister)
         return _listeners(args, procfs, lister, walk)
     except (ProcParseError, SockDiagUnavailable) as exc:
         sys.stderr.write(f"portwatch: {exc}\n")
@@ -362,16 +437,24 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
         snap = snap._replace(listeners=asked)
     units = UnitCache(socket_units)
     listeners = units.apply(snap).sorted()
+    clients = _ephemeral(procfs, listeners)
+    if clients and args.command == "list" and not args.all:
+        named = _reserved_udp(args.config)
+        hidden = {x.socket.inode for x in listeners if x.socket.inode in clients
+                  and named is not None and not any(x.socket.port in span for span in named)}
+        if hidden:
+            listeners = [x for x in listeners if x.socket.inode not in hidden]
+            _say_hidden(len(hidden), "--all shows them")
     _warn_fallback(lister)
     _warn_unattributed(units.problem)
     _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
     _warn_namespaces(spaces)
     if args.json:
-        _print_json([listener_json(x) for x in listeners])
+        print_json([listener_json(x, ephemeral=x.socket.inode in clients) for x in listeners])
     elif listeners or args.command == "list":
         users = {x.socket.uid: procfs.user_name(x.socket.uid) for x in listeners}
         headers = LISTENER_HEADERS_NETNS if spaces is not None else LISTENER_HEADERS
-        _print_table(headers, listener_rows(listeners, users, netns=spaces is not None))
+        print_table(headers, listener_rows(listeners, users, netns=spaces is not None))
     if unread:
         return _incomplete(unread)
     if args.command == "who" and not listeners:
@@ -379,6 +462,173 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
         sys.stderr.write(f"portwatch: nothing listens on {proto} port {args.port}\n")
         return ExitStatus.NOT_FOUND
     return ExitStatus.OK
+
+
+def _ephemeral(procfs: ProcFS, listeners: list[Listener]) -> set[int]:
+    """The inodes of the ephemeral UDP client sockets among `listeners`."""
+    if not any(x.socket.proto is Proto.UDP for x in listeners):
+        return set()
+    from portwatch import ephemeral  # noqa: PLC0415 (only UDP listings need it)
+
+    ports, problem = ephemeral.read(procfs.root)
+    if problem is not None:
+        sys.stderr.write(f"portwatch: ephemeral UDP sockets not told apart ({problem})\n")
+    return {x.socket.inode for x in listeners if ephemeral.is_ephemeral(x, ports)}
+
+
+def _say_hidden(count: int, why: str) -> None:
+    sys.stderr.write(f"portwatch: {count} ephemeral UDP client socket{'s' * (count > 1)} not shown ({why})\n")
+
+
+def _reserved_udp(path: str | None) -> list[PortRange] | None:
+    """The UDP ports the config's rules reserve (--config, else /etc/portwatch.yaml when it exists);
+    None when it cannot be read (said on stderr): then nothing is hidden."""
+    from portwatch.config import DEFAULT_PATH, ConfigError, load_config  # noqa: PLC0415
+
+    if path is None and not os.path.exists(DEFAULT_PATH):  # noqa: PTH110
+        return []
+    try:
+        config = load_config(path or DEFAULT_PATH)
+    except ConfigError as exc:
+        sys.stderr.write(f"portwatch: {exc.problems[0]}; no ephemeral UDP socket hidden\n")
+        return None
+    return [span for rule in config.reserved if rule.proto is Proto.UDP for span in rule.ports]
+
+
+def _host_listeners(procfs: ProcFS, lister: SocketLister, protocols: tuple[Proto, ...]
+                    ) -> tuple[list[Listener], list[str]]:
+    """portwatch's own namespace's listeners, socket units named; what could not be read is said."""
+    snap, unread = full_scan(procfs, lister, protocols, (4, 6))
+    units = UnitCache(socket_units)
+    listeners = [x for x in units.apply(snap).sorted() if on_host(x)]
+    _warn_fallback(lister)
+    _warn_unattributed(units.problem)
+    _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
+    return listeners, unread
+
+
+def _load(path: str | None) -> Config | None:
+    """The config, or None when it is invalid (said on stderr, one line per problem)."""
+    from portwatch.config import DEFAULT_PATH, ConfigError, load_config  # noqa: PLC0415
+
+    try:
+        return load_config(path or DEFAULT_PATH)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return None
+
+
+def _baseline(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
+    """A config reserving the chosen listeners' ports for their owners, or the new ones added to --config."""
+    from datetime import UTC, datetime  # noqa: PLC0415 (this command only)
+
+    from portwatch import baseline  # noqa: PLC0415
+    from portwatch.config import ConfigError, parse_config  # noqa: PLC0415
+
+    existing = _load(args.config) if args.config else None
+    if args.config and existing is None:
+        return ExitStatus.CONFIG_ERROR
+    listeners, unread = _host_listeners(procfs, lister, (Proto.TCP, Proto.UDP))
+    clients = _ephemeral(procfs, listeners)
+    chosen = [x for x in listeners if baseline.wanted(x, args.ports, args.all)
+              and (x.socket.inode not in clients or args.ports is not None)]
+    left_out: list[str] = []
+    if existing is not None:
+        for proto in sorted({x.socket.proto for x in chosen} - existing.protocols):
+            ports = sorted({x.socket.port for x in chosen if x.socket.proto is proto})
+            left_out.append(f"{proto} ports {', '.join(map(str, ports))}: protocols in {args.config} "
+                            f"does not include {proto}; not reserved")
+        chosen = [x for x in chosen if x.socket.proto in existing.protocols]
+    made = baseline.build(
+        chosen, taken_names=[r.name for r in existing.reserved] if existing else (),
+        covered=(lambda proto, port: existing.rule_for(proto, port) is not None) if existing else None,
+    )
+    skipped = [*left_out, *made.skipped]
+    if existing is not None:
+        with open(args.config, encoding="utf-8", errors="surrogateescape") as f:  # noqa: PTH123
+            before = f.read()
+        try:
+            text = baseline.merge(before, made.rules, skipped)
+        except baseline.MergeError as exc:
+            sys.stderr.write(f"portwatch: cannot add rules to {escape(args.config)}: {exc}\n")
+            return ExitStatus.CONFIG_ERROR
+    else:
+        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        text = baseline.config_text(made, host=os.uname().nodename, when=when)
+    try:
+        parse_config(text, args.output or "<baseline>")
+    except ConfigError as exc:  # a bug: never hand out a config the daemon would refuse
+        sys.stderr.write(f"portwatch: the config made is invalid, not written: {exc.problems[0]}\n")
+        return ExitStatus.SOFTWARE
+    for new in made.rules:
+        rule = new.rule
+        verb = "added" if existing is not None else "reserved"
+        sys.stderr.write(escape(f"portwatch: {verb} rule {rule.name}: {rule.proto} "
+                                f"{', '.join(map(str, rule.ports))}") + "\n")
+    for line in skipped:
+        sys.stderr.write(f"portwatch: {escape(line)}\n")
+    if existing is not None and not made.rules:
+        sys.stderr.write(f"portwatch: nothing to add: {escape(args.config)} reserves every chosen port\n")
+    if args.output:
+        _write_atomically(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return _incomplete(unread) if unread else ExitStatus.OK
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Replace `path` with `text` in one rename; its mode is kept (0644 for a new file)."""
+    import tempfile  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    directory = Path(path).absolute().parent
+    try:
+        mode = Path(path).stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o644
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=".portwatch-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        Path(temp).replace(path)
+    except BaseException:
+        Path(temp).unlink()
+        raise
+
+
+def _explain(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
+    """Each listener's rule, holders and verdict under the config, as the daemon would judge."""
+    from portwatch import explain  # noqa: PLC0415 (this command only)
+
+    config = _load(args.config)
+    if config is None:
+        return ExitStatus.CONFIG_ERROR
+    if args.port is not None:
+        protocols: tuple[Proto, ...] = (Proto.UDP,) if args.udp else (Proto.TCP,)
+    else:
+        protocols = tuple(sorted(config.protocols))
+    listeners, unread = _host_listeners(procfs, lister, protocols)
+    if args.port is not None:
+        listeners = [x for x in listeners if x.socket.port == args.port]
+    clients = _ephemeral(procfs, listeners)
+    hidden = [x for x in listeners
+              if x.socket.inode in clients and config.rule_for(x.socket.proto, x.socket.port) is None]
+    if hidden and args.port is None:
+        listeners = [x for x in listeners if x not in hidden]
+        _say_hidden(len(hidden), "no rule reserves their ports")
+    found = [explain.explain(x, config.rule_for(x.socket.proto, x.socket.port, x.netns)) for x in listeners]
+    if args.json:
+        print_json([explain.to_json(e, ephemeral=e.listener.socket.inode in clients) for e in found])
+    elif found:
+        print_table(explain.HEADERS, explain.rows(found))
+    if args.port is not None and not found:
+        sys.stderr.write(f"portwatch: nothing listens on {protocols[0]} port {args.port}\n")
+    if unread:
+        return _incomplete(unread)
+    return ExitStatus.VIOLATION if any(e.violated for e in found) else ExitStatus.OK
 
 
 def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
@@ -407,7 +657,7 @@ def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     can, text = why.explain(proto, args.address, args.port, found, bind_failed=failed, uid=os.geteuid(),
                             since={inode: f"{when} (process start)" for inode, when in since.items()})
     if args.json:
-        _print_json({
+        print_json({
             "proto": proto.value, "address": args.address, "port": args.port, "would_bind": can,
             "bind_error": None if failed is None else failed.strerror, "explanation": text,
             "blockers": [{**listener_json(b.listener), "reason": b.reason,
@@ -457,9 +707,9 @@ def _ps(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     _warn_namespaces(spaces)
     if args.json:
         host = spaces.host if spaces is not None else own_netns(procfs)
-        _print_json([process_ports_json(e, netns_of, host) for e in entries])
+        print_json([process_ports_json(e, netns_of, host) for e in entries])
     else:
-        _print_table(PROCESS_HEADERS, process_rows(entries, netns_of))
+        print_table(PROCESS_HEADERS, process_rows(entries, netns_of))
     return _incomplete(table_read.errors) if table_read.errors else ExitStatus.OK
 
 
@@ -507,18 +757,3 @@ def _incomplete(unread: list[str]) -> int:
     for error in unread:
         sys.stderr.write(f"portwatch: cannot read {escape(error)}; the answer above lacks its sockets\n")
     return ExitStatus.DATA_ERROR
-
-
-def _print_json(data: Any, out: TextIO | None = None) -> None:
-    import json  # noqa: PLC0415 (here: most runs print a table, and start-up is much of their cost)
-
-    out = out or sys.stdout
-    # ensure_ascii: names that are not valid UTF-8 stay exact as \udcXX escapes
-    # and the output is always valid ASCII text.
-    json.dump(data, out, indent=2, ensure_ascii=True)
-    out.write("\n")
-
-
-def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    width = terminal_columns() if sys.stdout.isatty() else None
-    sys.stdout.write(table(headers, rows, width=width))

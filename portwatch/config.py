@@ -84,6 +84,8 @@ class Config:
     conflict_hooks: tuple[str, ...] = ()
     netns: str = "all"  # every network namespace, or "host": portwatch's own only
     metrics: MetricsSettings | None = None
+    # "hide": no listener_opened/closed for clients' ephemeral UDP sockets (portwatch.ephemeral)
+    udp_ephemeral: str = "hide"
 
     def rule_for(self, proto: Proto, port: int, netns: NetNs | None = None) -> Rule | None:
         """The rule reserving `port`/`proto` in `netns` (None: the host's); validation makes it
@@ -224,10 +226,11 @@ class _Validator(NodeReader):
 
         return frozenset(found) if self.each(items, "protocols", once) is not None else None
 
-    def netns_scope(self, node: Node) -> str | None:
-        value = self.string(node, "netns", "all or host")
-        if value is not None and value not in ("all", "host"):
-            self.problem(node, "netns", f"unknown value {quote(value)}; expected all or host")
+    def choice(self, node: Node, where: str, choices: tuple[str, str]) -> str | None:
+        expected = " or ".join(choices)
+        value = self.string(node, where, expected)
+        if value is not None and value not in choices:
+            self.problem(node, where, f"unknown value {quote(value)}; expected {expected}")
             return None
         return value
 
@@ -549,7 +552,8 @@ TOP_LEVEL: dict[str, Callable[[_Validator, Node, dict[str, Any]], Any]] = {
     "state_dir": lambda v, node, _: v.state_dir(node),
     "follow_journal": lambda v, node, _: v.boolean(node, "follow_journal"),
     "conflict_hooks": lambda v, node, _: v.rule_hooks(node, "conflict_hooks"),
-    "netns": lambda v, node, _: v.netns_scope(node),
+    "netns": lambda v, node, _: v.choice(node, "netns", ("all", "host")),
     "metrics": lambda v, node, _: v.metrics(node),
+    "udp_ephemeral": lambda v, node, _: v.choice(node, "udp_ephemeral", ("hide", "show")),
 }
 _AFTER_HOOKS = ("reserved", "conflict_hooks")

@@ -302,6 +302,7 @@ class Daemon:
         self.report.first_seen(snap.listeners.values(), saved.seen if saved is not None else {})
         if saved is not None:
             return self.report.changes(saved.snapshot, snap, while_down=True, known=saved.taken)
+        self.report.inventory(snap.listeners.values())
         return self.report.squatters(snap.listeners.values(), at_startup=True)
 
     def _scan(self, *, early: bool) -> ScanResult:

@@ -160,6 +160,8 @@ def describe(event: str, fields: dict[str, Any]) -> str:
         return event.replace("_", " ")
     if event == "reserved_port_taken" and not fields.get("verified", True):
         template = _UNIDENTIFIED
+    elif event == "listener_opened" and fields.get("at_startup"):
+        template = "listener {where} held by {who} (listening when portwatch started)"
     port = fields.get("port")
     address = endpoint(str(fields.get("address")), port if isinstance(port, int) else 0)
     values = _Fields(fields)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import NamedTuple
 
 from portwatch.model import MANAGER_UNIT, Listener, NetNs, Process, Proto, is_manager
 
@@ -61,22 +62,51 @@ class Allow:
     unit: str | None = None
 
     def matches(self, process: Process, listener: Listener | None = None) -> bool:
+        return self.check(process, listener).matched
+
+    def check(self, process: Process, listener: Listener | None = None) -> Match:
+        """Whether `process` (holding `listener`) is this entry's owner, on which keys, or why not."""
         socket_unit = listener.socket_unit if listener is not None else None
         if is_manager(process) and (process.pid == 1 or socket_unit is not None):
-            units = (MANAGER_UNIT, socket_unit, listener.service_unit if listener is not None else None)
-            return self.unit is not None and any(_glob(u, self.unit) for u in units)
-        if self.comm is None and self.exe is None and self.user is None and self.unit is None:
-            return False
-        if self.comm is not None and not fnmatchcase(process.comm, self.comm):
-            return False
-        if self.exe is not None and not _glob(_undeleted(process.exe), self.exe):
-            return False
-        if self.user is not None and not (
-            _glob(process.user, self.user)
-            or (process.uid is not None and fnmatchcase(str(process.uid), self.user))
-        ):
-            return False
-        return self.unit is None or _glob(process.unit, self.unit) or _glob(socket_unit, self.unit)
+            units = [u for u in (MANAGER_UNIT, socket_unit, listener.service_unit if listener else None) if u]
+            if self.unit is None:
+                return Match(False, (), "the service manager is allowed only by unit (of its socket unit "
+                                        "or the service it starts), and this entry has no unit")
+            if any(_glob(u, self.unit) for u in units):
+                return Match(True, ("unit",))
+            return Match(False, (), f"unit {self.unit!r} matches none of {', '.join(map(repr, units))}")
+        checks = (
+            ("comm", self.comm, (process.comm,)),
+            ("exe", self.exe, (_undeleted(process.exe),)),
+            ("user", self.user, (process.user, None if process.uid is None else str(process.uid))),
+            ("unit", self.unit, (process.unit, socket_unit)),
+        )
+        keys: list[str] = []
+        for key, pattern, values in checks:
+            if pattern is None:
+                continue
+            if not any(_glob(value, pattern) for value in values):
+                return Match(False, tuple(keys), _miss(key, pattern, values))
+            keys.append(key)
+        return Match(bool(keys), tuple(keys), None if keys else "the entry has no keys")
+
+
+class Match(NamedTuple):
+    """An allow entry against one holder: matched, the keys that matched, or the first that did not."""
+
+    matched: bool
+    keys: tuple[str, ...]
+    miss: str | None = None  # a sentence with the process's values: attacker data, escape to show
+
+
+def _miss(key: str, pattern: str, values: tuple[str | None, ...]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        unknown = {"exe": "the executable is unreadable", "user": "the user is unknown",
+                   "unit": "the process is in no systemd unit"}
+        return f"{key} {pattern!r}: {unknown.get(key, 'unknown')}"
+    shown = " / ".join(map(repr, known))
+    return f"{key} {shown} does not match {pattern!r}"
 
 
 def _undeleted(exe: str | None) -> str | None:

@@ -40,7 +40,8 @@ def netns_json(netns: NetNs | None) -> dict[str, Any] | None:
     }
 
 
-def listener_json(listener: Listener) -> dict[str, Any]:
+def listener_json(listener: Listener, *, ephemeral: bool = False) -> dict[str, Any]:
+    """`ephemeral`: an unconnected UDP socket on a client port (portwatch.ephemeral)."""
     s = listener.socket
     forwards = next((f for p in listener.processes if (f := forwards_to(p)) is not None), None)
     return {
@@ -56,6 +57,7 @@ def listener_json(listener: Listener) -> dict[str, Any]:
         "service_unit": listener.service_unit,
         "netns": netns_json(listener.netns),
         "forwards_to": forwards,
+        "ephemeral": ephemeral,
     }
 
 

@@ -16,11 +16,13 @@ from typing import Any
 from portwatch.access import advice
 from portwatch.config import Config
 from portwatch.conflicts import Conflicts, Episode, holders
-from portwatch.events import change_event, conflict_event
+from portwatch.ephemeral import is_ephemeral
+from portwatch.ephemeral import read as read_ephemeral
+from portwatch.events import change_event, conflict_event, listener_fields
 from portwatch.hooks import HookRunner
 from portwatch.judge import Judge
-from portwatch.model import Listener, Proto, Snapshot, on_host
-from portwatch.policy import evaluate
+from portwatch.model import Listener, Proto, Snapshot, listener_sort_key, on_host
+from portwatch.policy import Rule, evaluate
 from portwatch.snapshot import ChangeKind, diff
 
 Emit = Callable[[str, Mapping[str, Any]], None]
@@ -42,6 +44,7 @@ class Reporter:
         self._failure: str | None = None  # the scan failure last said, until a whole scan
         self._said: set[str] = set()  # degraded reasons already said (once each)
         self.degraded: set[str] = set()  # what is degraded now, by gauges.DEGRADED_REASONS
+        self.proc_root = "/proc"  # where the ephemeral port range is read
 
     def changes(
         self, previous: Snapshot, snap: Snapshot, *, while_down: bool = False,
@@ -52,6 +55,7 @@ class Reporter:
         `closed_netns`: network namespaces whose listeners closed with them, and why."""
         changed: list[Listener] = []
         changes = diff(previous, snap)
+        clients = self._clients(change.listener for change in changes)
         for change in changes:
             sock = change.listener.socket
             rule = self.config.rule_for(sock.proto, sock.port, change.listener.netns)
@@ -63,8 +67,10 @@ class Reporter:
                 changed.append(change.listener)
                 if change.kind is ChangeKind.OPENED:
                     self.seen[sock.inode] = self.wall()
-            if self.config.log_listeners or rule is not None:
+            if self._logged(change.listener, rule, clients):
                 name, fields = change_event(change, rule.name if rule else None)
+                if clients.get(sock.inode):
+                    fields["ephemeral"] = True
                 netns = change.listener.netns
                 if change.kind is ChangeKind.CLOSED and netns is not None and closed_netns:
                     fields["reason"] = closed_netns.get(netns.id)
@@ -74,6 +80,40 @@ class Reporter:
         if while_down:
             return self.squatters(snap.listeners.values(), at_startup=True, known=known) or bool(changes)
         return self.squatters(changed, at_startup=False) or bool(changes)
+
+    def inventory(self, listeners: Iterable[Listener]) -> None:
+        """At a first start: listener_opened (at_startup) for each listener already there, so the
+        journal knows who held a port from the start (`portwatch history`)."""
+        listeners = sorted(listeners, key=listener_sort_key)
+        clients = self._clients(listeners)
+        for listener in listeners:
+            sock = listener.socket
+            rule = self.config.rule_for(sock.proto, sock.port, listener.netns)
+            if self._logged(listener, rule, clients):
+                fields = listener_fields(listener, rule.name if rule else None)
+                fields["at_startup"] = True
+                if clients.get(sock.inode):
+                    fields["ephemeral"] = True
+                self.emit("listener_opened", fields)
+
+    def _clients(self, listeners: Iterable[Listener]) -> dict[int, bool]:
+        """inode -> whether the UDP socket is a client's ephemeral one (portwatch.ephemeral)."""
+        udp = [x for x in listeners if x.socket.proto is Proto.UDP]
+        if not udp:
+            return {}
+        ports, _ = read_ephemeral(self.proc_root)
+        return {x.socket.inode: is_ephemeral(x, ports) for x in udp}
+
+    def _logged(self, listener: Listener, rule: Rule | None, clients: Mapping[int, bool]) -> bool:
+        """Its opening and closing are logged: its port is reserved, or log_listeners is on and it
+        is not a client's ephemeral UDP socket (unless udp_ephemeral: show) on a port no rule names."""
+        if rule is not None:
+            return True
+        if not self.config.log_listeners:
+            return False
+        sock = listener.socket
+        return (self.config.udp_ephemeral == "show" or not clients.get(sock.inode)
+                or any(r.covers(sock.proto, sock.port) for r in self.config.reserved))
 
     def squatters(
         self, listeners: Iterable[Listener], *, at_startup: bool,

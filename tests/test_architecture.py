@@ -14,13 +14,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "portwatch"
 LAYERS = [
     {"__init__", "model", "text", "closing"},
     {"procfs", "snapshot", "policy", "config", "events", "render", "access", "holders", "schedule",
-     "judge", "pace", "yamlread", "bindfail", "conflicts", "why", "netns", "gauges"},
+     "judge", "pace", "yamlread", "bindfail", "conflicts", "why", "netns", "gauges", "baseline", "explain",
+     "ephemeral"},
     {"activation"},
     {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
     {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state", "sdbus", "bindcheck",
-     "journalfollow", "metrics"},
+     "journalfollow", "journalread", "metrics", "output"},
     {"walk", "namespaces"},
-    {"scan", "log", "report"},
+    {"scan", "log", "report", "history"},
     {"conflictwatch"},
     {"daemon"},
     {"cli"},

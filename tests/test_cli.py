@@ -31,7 +31,8 @@ def _by_inode(listing: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 
 def _list_json(*extra: str) -> list[dict[str, Any]]:
-    result = run_cli("list", "--json", *extra)
+    # --all: the test servers' UDP ports are the kernel's pick, from the ephemeral range.
+    result = run_cli("list", "--all", "--json", *extra)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -146,12 +147,12 @@ def test_a_table_that_cannot_be_read_is_never_taken_for_empty(
         assert "Traceback" not in result.stderr
         return result.returncode, result.stdout, [x for x in result.stderr.splitlines() if "cannot read" in x]
 
-    status, out, unread = run("list", "--json")
+    status, out, unread = run("list", "--all", "--json")
     inodes = {entry["inode"] for entry in json.loads(out)}
     assert status == 65 and udp.inode in inodes and tcp.inode not in inodes
     (line,) = unread
     assert "/proc/self/net/tcp:" in line and "tcp6" not in line
-    status, out, unread = run("list")
+    status, out, unread = run("list", "--all")
     assert status == 65 and f":{udp.port} " in out and len(unread) == 1
     status, out, unread = run("who", str(tcp.port))
     assert status == 65 and out == "" and len(unread) == 1

@@ -29,7 +29,7 @@ P = "/cfg/pw.yaml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "portwatch.yaml"
 TOP_KEYS = (
     "interval, protocols, log_listeners, reserved, hooks, hook_cooldown, max_parallel_hooks, "
-    "state_dir, follow_journal, conflict_hooks, netns, metrics"
+    "state_dir, follow_journal, conflict_hooks, netns, metrics, udp_ephemeral"
 )
 
 

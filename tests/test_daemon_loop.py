@@ -182,13 +182,13 @@ def test_a_squatter_at_start_is_reported_once_after_started_and_its_hook_runs_on
     daemon, scanner, events, hooks = world.daemon()
     scanner.then(listener(1, 22, SSHD, SQUATTER))
     daemon.start()
-    assert events.names() == ["portwatch_started", "reserved_port_taken"]
-    taken = events.all[1][1]
+    assert events.names() == ["portwatch_started", "listener_opened", "reserved_port_taken"]
+    taken = events.all[2][1]
     assert (taken["pid"], taken["offender_pids"], taken["at_startup"]) == (900, [900], True)
     assert [name for name, _ in hooks.submitted] == ["page"]
     scanner.then(listener(1, 22, SSHD, SQUATTER))
     daemon.tick()
-    assert events.names() == ["portwatch_started", "reserved_port_taken"]  # nothing new: nothing said
+    assert events.names() == ["portwatch_started", "listener_opened", "reserved_port_taken"]  # nothing new
     assert len(hooks.submitted) == 1
 
 

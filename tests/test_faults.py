@@ -414,7 +414,7 @@ def test_netlink_refused_falls_back_to_proc(
                        "except OSError as e:\n print(e.errno)\nsocket.socket().close()", prefix=no_netlink())
     assert probe.stdout.strip() == "97", probe  # the filter works, and only on AF_NETLINK
     (port,) = free_ports(1)
-    cfg = reserved_config(tmp_path / "pw.yaml", [("guarded", [port], [])], {})
+    cfg = reserved_config(tmp_path / "pw.yaml", [("guarded", [port], [])], {}, extra="udp_ephemeral: show\n")
     d = daemons(cfg, prefix=no_netlink())
     started = d.wait_event("portwatch_started", timeout=10)
     assert started["socket_source"] == "proc"
@@ -450,7 +450,7 @@ def test_an_unreadable_table_closes_nothing_until_it_is_read_again(
     naming it; a listener that closes meanwhile is not reported closed while the other tables
     are still watched; once the table is back, scan_recovered, then the closing."""
     saved = tmp_path / "net"
-    cfg = reserved_config(tmp_path / "pw.yaml", [], {})
+    cfg = reserved_config(tmp_path / "pw.yaml", [], {}, extra="udp_ephemeral: show\n")
     d = daemons(cfg, "--source", "proc", prefix=masked_net_tables(saved))
     d.wait_event("portwatch_started", timeout=10)
     goes = holders([TCP])
