@@ -43,7 +43,7 @@ class PortOwners:
     proto: Proto
     port: int
     allow: list[Allow] = field(default_factory=list)
-    seen: list[str] = field(default_factory=list)  # one line per holder, for the comment
+    seen: dict[str, list[int]] = field(default_factory=dict)  # holder (but its pid) -> pids, for the comment
     addresses: list[str] = field(default_factory=list)
     guessed: bool = False  # an entry names a comm: the executable was unreadable
 
@@ -96,7 +96,7 @@ def build(listeners: Iterable[Listener], *, taken_names: Iterable[str] = (),
             owners.guessed |= guessed
             if entry not in owners.allow:
                 owners.allow.append(entry)
-            owners.seen.append(_holder_text(process, listener))
+            owners.seen.setdefault(_holder_text(process, listener), []).append(process.pid)
     names = set(taken_names)
     resolved = (owners for key, owners in sorted(by_port.items()) if key not in skipped)
     rules = [_rule(group, names) for group in _groups(resolved)]
@@ -106,11 +106,12 @@ def build(listeners: Iterable[Listener], *, taken_names: Iterable[str] = (),
 def owner_entry(process: Process, listener: Listener) -> tuple[Allow | None, bool]:
     """The allow entry naming `process` as precisely as can be trusted, and whether it rests on
     the process's own name (its executable was unreadable)."""
-    if is_manager(process) and listener.socket_unit is not None:
-        service = listener.service_unit
-        if service is None:
-            return Allow(unit=_glob_escape(listener.socket_unit)), False
-        return Allow(unit=_unit_pattern(service)), False
+    if is_manager(process):
+        # The policy lets only `unit` allow systemd: the service its socket unit starts, the socket
+        # unit, or (a socket of its own, or one whose socket unit was not known) init.scope itself.
+        if listener.service_unit is not None:
+            return Allow(unit=_unit_pattern(listener.service_unit)), False
+        return Allow(unit=_glob_escape(listener.socket_unit or MANAGER_UNIT)), False
     unit = _service(process)
     if unit is not None:
         return Allow(unit=_unit_pattern(unit)), False
@@ -157,18 +158,22 @@ def _rule(group: list[PortOwners], names: set[str]) -> NewRule:
     first = group[0]
     allow = tuple(first.allow)
     if all(entry.unit is not None for entry in allow):
-        base = allow[0].unit or ""
-        base = base.removesuffix(".service").removesuffix("*").removesuffix("@")
+        unit = allow[0].unit or ""
+        base = "systemd" if unit == MANAGER_UNIT else unit.removesuffix(".service").removesuffix(
+            ".socket").removesuffix("*").removesuffix("@")
     else:
         comm = next((e.comm for e in allow if e.comm), None)
         exe = next((e.exe for e in allow if e.exe), None)
-        base = f"{(exe or '').rsplit('/', 1)[-1] or comm or first.proto.value}-{first.port}"
+        stem = _NAME_CHARS.sub("-", (exe or "").rsplit("/", 1)[-1] or comm or "").strip("-_.@:")
+        base = f"{stem or first.proto.value}-{first.port}"
     name = _unique(base if first.proto is Proto.TCP else f"{base}-udp", names)
     ports = _ranges([owners.port for owners in group])
     comments = []
     for owners in group:
         where = ", ".join(dict.fromkeys(owners.addresses))
-        comments.append(f"{owners.proto} {where}: " + "; ".join(dict.fromkeys(owners.seen)))
+        holders = [text.format(pids=",".join(map(str, sorted(set(pids)))))
+                   for text, pids in owners.seen.items()]
+        comments.append(f"{owners.proto} {where}: " + "; ".join(holders))
         if owners.guessed:
             comments.append(f"{owners.proto} port {owners.port}: the executable was unreadable, so a comm "
                             "(the name a process gives itself) stands in: make it an exe if you can")
@@ -196,14 +201,20 @@ def _ranges(ports: list[int]) -> list[PortRange]:
 
 
 def _holder_text(process: Process, listener: Listener) -> str:
+    """The holder for the rule's comment, `{pids}` standing for its pid (and those like it)."""
     if is_manager(process) and listener.socket_unit is not None:
-        return f"systemd for {listener.socket_unit} -> {listener.service_unit or '?'}"
-    text = f"{process.comm}[{process.pid}]"
-    text += f" {process.exe}" if process.exe else " (executable unreadable)"
-    text += f" user {process.user if process.user is not None else process.uid}"
+        return f"systemd for {_braces(listener.socket_unit)} -> {_braces(listener.service_unit or '?')}"
+    text = f"{_braces(process.comm)}[{{pids}}]"
+    text += f" {_braces(process.exe)}" if process.exe else " (executable unreadable)"
+    text += f" user {_braces(str(process.user if process.user is not None else process.uid))}"
     if process.unit:
-        text += f" unit {process.unit}"
+        text += f" unit {_braces(process.unit)}"
     return text
+
+
+def _braces(text: str) -> str:
+    """`text` as a literal in a str.format template (a process may call itself `{pids}`)."""
+    return text.replace("{", "{{").replace("}", "}}")
 
 
 # --- YAML ----------------------------------------------------------------------------------

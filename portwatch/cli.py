@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from portwatch import __version__
+from portwatch import DEFAULT_CONFIG, __version__
 from portwatch.access import advice
 from portwatch.activation import Unavailable, UnitCache, match
 from portwatch.model import Listener, NetNs, Proto, is_manager, on_host
@@ -371,12 +371,7 @@ def _dispatch(args: argparse.Namespace, walk: Walk | None) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from portwatch.config import DEFAULT_PATH, ConfigError, load_config  # noqa: PLC0415
-
-    try:
-        load_config(args.config or DEFAULT_PATH)
-    except ConfigError as exc:
-        sys.stderr.write(f"{exc}\n")
+    if _load(args.config) is None:
         return ExitStatus.CONFIG_ERROR
     sys.stdout.write("ok\n")
     return ExitStatus.OK
@@ -466,14 +461,15 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
 
 def _ephemeral(procfs: ProcFS, listeners: list[Listener]) -> set[int]:
     """The inodes of the ephemeral UDP client sockets among `listeners`."""
-    if not any(x.socket.proto is Proto.UDP for x in listeners):
+    udp = Proto.UDP
+    if not any(x.socket.proto is udp for x in reversed(listeners)):  # sorted: UDP comes last
         return set()
     from portwatch import ephemeral  # noqa: PLC0415 (only UDP listings need it)
 
     ports, problem = ephemeral.read(procfs.root)
     if problem is not None:
         sys.stderr.write(f"portwatch: ephemeral UDP sockets not told apart ({problem})\n")
-    return {x.socket.inode for x in listeners if ephemeral.is_ephemeral(x, ports)}
+    return ephemeral.clients(listeners, ports)
 
 
 def _say_hidden(count: int, why: str) -> None:
@@ -482,15 +478,12 @@ def _say_hidden(count: int, why: str) -> None:
 
 def _reserved_udp(path: str | None) -> list[PortRange] | None:
     """The UDP ports the config's rules reserve (--config, else /etc/portwatch.yaml when it exists);
-    None when it cannot be read (said on stderr): then nothing is hidden."""
-    from portwatch.config import DEFAULT_PATH, ConfigError, load_config  # noqa: PLC0415
-
-    if path is None and not os.path.exists(DEFAULT_PATH):  # noqa: PTH110
+    None when it is invalid (said on stderr): then nothing is hidden."""
+    if path is None and not os.path.exists(DEFAULT_CONFIG):  # noqa: PTH110
         return []
-    try:
-        config = load_config(path or DEFAULT_PATH)
-    except ConfigError as exc:
-        sys.stderr.write(f"portwatch: {exc.problems[0]}; no ephemeral UDP socket hidden\n")
+    config = _load(path)
+    if config is None:
+        sys.stderr.write("portwatch: no ephemeral UDP socket hidden: which ports are reserved is unknown\n")
         return None
     return [span for rule in config.reserved if rule.proto is Proto.UDP for span in rule.ports]
 
@@ -509,10 +502,10 @@ def _host_listeners(procfs: ProcFS, lister: SocketLister, protocols: tuple[Proto
 
 def _load(path: str | None) -> Config | None:
     """The config, or None when it is invalid (said on stderr, one line per problem)."""
-    from portwatch.config import DEFAULT_PATH, ConfigError, load_config  # noqa: PLC0415
+    from portwatch.config import ConfigError, load_config  # noqa: PLC0415 (the YAML stack: not for every view)
 
     try:
-        return load_config(path or DEFAULT_PATH)
+        return load_config(path or DEFAULT_CONFIG)
     except ConfigError as exc:
         sys.stderr.write(f"{exc}\n")
         return None

@@ -17,12 +17,13 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
+from portwatch import DEFAULT_CONFIG
 from portwatch.model import NetNs, Proto
 from portwatch.policy import PORT_MAX, PORT_MIN, Allow, PortRange, Rule
 from portwatch.text import escape
 from portwatch.yamlread import NULL, NodeReader, describe, join_path, line_of, quote, suggest
 
-DEFAULT_PATH = "/etc/portwatch.yaml"
+DEFAULT_PATH = DEFAULT_CONFIG
 DEFAULT_HOOK_TIMEOUT = 10.0
 
 # A config is a few kilobytes; the cap stops `load_config("/dev/zero")` reading forever.

@@ -16,7 +16,7 @@ The range is the one of the network namespace that reads it (sysctls under
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable
 
 from portwatch.model import Listener, Proto
 
@@ -24,16 +24,31 @@ RANGE = "sys/net/ipv4/ip_local_port_range"
 RESERVED = "sys/net/ipv4/ip_local_reserved_ports"
 
 
-class EphemeralPorts(NamedTuple):
-    """The ports the kernel gives clients: `first`-`last` except the `reserved` ranges."""
+class EphemeralPorts:
+    """The ports the kernel gives clients: `first`-`last` except the `reserved` ranges.
 
-    first: int
-    last: int
-    reserved: tuple[tuple[int, int], ...] = ()
+    A plain class: a NamedTuple's class is built with exec, a millisecond of every view's start.
+    """
+
+    __slots__ = ("first", "last", "reserved")
+
+    def __init__(self, first: int, last: int, reserved: tuple[tuple[int, int], ...] = ()) -> None:
+        self.first = first
+        self.last = last
+        self.reserved = reserved
 
     def __contains__(self, port: object) -> bool:
         return (isinstance(port, int) and self.first <= port <= self.last
                 and not any(low <= port <= high for low, high in self.reserved))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EphemeralPorts) and (self.first, self.last, self.reserved) == (
+            other.first, other.last, other.reserved)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable attributes: not a dict key
+
+    def __repr__(self) -> str:
+        return f"EphemeralPorts({self.first}, {self.last}, {self.reserved})"
 
     def __str__(self) -> str:
         text = f"{self.first}-{self.last}"
@@ -59,17 +74,20 @@ def read(proc_root: str = "/proc") -> tuple[EphemeralPorts | None, str | None]:
     for name in (RANGE, RESERVED):
         path = f"{proc_root}/{name}"
         try:
-            with open(path, encoding="ascii") as f:  # noqa: PTH123 (two tiny reads)
-                texts.append(f.read())
-        except (OSError, UnicodeDecodeError) as exc:
-            return None, f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+            with open(path, "rb") as f:  # noqa: PTH123 (bytes: a text file would load a codec module)
+                texts.append(f.read().decode(errors="replace"))
+        except OSError as exc:
+            return None, f"cannot read {path}: {exc.strerror or exc}"
     try:
         return parse(*texts), None
     except ValueError:
         return None, f"cannot parse {proc_root}/{RANGE}: {texts[0].strip()!r}"
 
 
-def is_ephemeral(listener: Listener, ports: EphemeralPorts | None) -> bool:
-    """An unconnected UDP socket on a port the kernel hands out to clients (only those are listed)."""
-    sock = listener.socket
-    return ports is not None and sock.proto is Proto.UDP and sock.port in ports
+def clients(listeners: Iterable[Listener], ports: EphemeralPorts | None) -> set[int]:
+    """The inodes of the unconnected UDP sockets (the only UDP sockets listed) on ports the kernel
+    hands out to clients. One pass: a view calls it on every listener of the host."""
+    if ports is None:
+        return set()
+    udp = Proto.UDP
+    return {sock.inode for x in listeners if (sock := x.socket).proto is udp and sock.port in ports}

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from portwatch import ephemeral
 from portwatch.access import advice
 from portwatch.config import Config
 from portwatch.conflicts import Conflicts, Episode, holders
-from portwatch.ephemeral import is_ephemeral
-from portwatch.ephemeral import read as read_ephemeral
 from portwatch.events import change_event, conflict_event, listener_fields
 from portwatch.hooks import HookRunner
 from portwatch.judge import Judge
@@ -44,7 +43,6 @@ class Reporter:
         self._failure: str | None = None  # the scan failure last said, until a whole scan
         self._said: set[str] = set()  # degraded reasons already said (once each)
         self.degraded: set[str] = set()  # what is degraded now, by gauges.DEGRADED_REASONS
-        self.proc_root = "/proc"  # where the ephemeral port range is read
 
     def changes(
         self, previous: Snapshot, snap: Snapshot, *, while_down: bool = False,
@@ -69,7 +67,7 @@ class Reporter:
                     self.seen[sock.inode] = self.wall()
             if self._logged(change.listener, rule, clients):
                 name, fields = change_event(change, rule.name if rule else None)
-                if clients.get(sock.inode):
+                if sock.inode in clients:
                     fields["ephemeral"] = True
                 netns = change.listener.netns
                 if change.kind is ChangeKind.CLOSED and netns is not None and closed_netns:
@@ -92,19 +90,20 @@ class Reporter:
             if self._logged(listener, rule, clients):
                 fields = listener_fields(listener, rule.name if rule else None)
                 fields["at_startup"] = True
-                if clients.get(sock.inode):
+                if sock.inode in clients:
                     fields["ephemeral"] = True
                 self.emit("listener_opened", fields)
 
-    def _clients(self, listeners: Iterable[Listener]) -> dict[int, bool]:
-        """inode -> whether the UDP socket is a client's ephemeral one (portwatch.ephemeral)."""
+    @staticmethod
+    def _clients(listeners: Iterable[Listener]) -> set[int]:
+        """The inodes of clients' ephemeral UDP sockets among `listeners` (portwatch.ephemeral)."""
         udp = [x for x in listeners if x.socket.proto is Proto.UDP]
         if not udp:
-            return {}
-        ports, _ = read_ephemeral(self.proc_root)
-        return {x.socket.inode: is_ephemeral(x, ports) for x in udp}
+            return set()
+        ports, _ = ephemeral.read()  # unreadable: None, and nothing is taken for a client's
+        return ephemeral.clients(udp, ports)
 
-    def _logged(self, listener: Listener, rule: Rule | None, clients: Mapping[int, bool]) -> bool:
+    def _logged(self, listener: Listener, rule: Rule | None, clients: Collection[int]) -> bool:
         """Its opening and closing are logged: its port is reserved, or log_listeners is on and it
         is not a client's ephemeral UDP socket (unless udp_ephemeral: show) on a port no rule names."""
         if rule is not None:
@@ -112,7 +111,7 @@ class Reporter:
         if not self.config.log_listeners:
             return False
         sock = listener.socket
-        return (self.config.udp_ephemeral == "show" or not clients.get(sock.inode)
+        return (self.config.udp_ephemeral == "show" or sock.inode not in clients
                 or any(r.covers(sock.proto, sock.port) for r in self.config.reserved))
 
     def squatters(

@@ -55,6 +55,8 @@ LISTENERS = [
     _listener(8080, _process(20, HOSTILE, "/opt/app[1]/bin/*srv (deleted)", "session-4.scope", "dev", 1000)),
     # an executable that could not be read: the comm stands in
     _listener(9000, _process(30, "java", None, None, None, 1001)),
+    # systemd's own socket (or one whose socket unit could not be asked for)
+    _listener(5355, _process(1, "systemd", "/usr/lib/systemd/systemd", MANAGER_UNIT, "root", 0)),
     # DNS over UDP from a service
     _listener(53, _process(40, "unbound", "/usr/sbin/unbound", "unbound.service"), proto=Proto.UDP),
     # nobody seen holding it
@@ -67,7 +69,8 @@ def test_rules_allow_exactly_todays_owners() -> None:
     text = config_text(made, host="web-1", when="2026-12-06 10:00 UTC")
     config = parse_config(text, "baseline.yaml")  # what `check` runs
     by_name = {rule.name: rule for rule in config.reserved}
-    assert set(by_name) == {"nginx", "ssh", "greet", "srv-8080", "java-9000", "unbound-udp"}
+    assert set(by_name) == {"nginx", "ssh", "greet", "srv-8080", "java-9000", "unbound-udp", "systemd"}
+    assert by_name["systemd"].allow[0].unit == "init.scope"
     assert [str(r) for r in by_name["nginx"].ports] == ["80", "443"]
     assert [(a.unit, a.exe, a.user, a.comm) for a in by_name["nginx"].allow] == [("nginx.service", None, None, None)]
     assert by_name["ssh"].allow[0].unit == "ssh.service"
@@ -79,6 +82,7 @@ def test_rules_allow_exactly_todays_owners() -> None:
     assert by_name["unbound-udp"].proto is Proto.UDP
     assert "2049" not in json.dumps([str(p) for r in config.reserved for p in r.ports])
     assert "# tcp port 2049: its holder is unknown (permission_denied); not reserved" in text
+    assert "# tcp *:80, [::]:80: nginx[10,11] /usr/sbin/nginx user www unit nginx.service\n" in text
     assert "# the executable was unreadable" not in text and "a comm (the name a process gives itself)" in text
     # Nothing a process calls itself can end a comment and start a key.
     assert "\n- name: x" not in text and "evil\\n- name: x\\x1b[2J" in text

@@ -157,6 +157,11 @@ def test_resolver_queries_are_hidden_and_servers_are_not(
     config.write_text(f"reserved:\n  - name: mine\n    proto: udp\n    ports: [{on_purpose.port}]\n")
     named, _ = space.listing("--config", str(config))
     assert named[on_purpose.port]["ephemeral"] is True and asked["port"] not in named
+    # Where the config cannot be read, which ports it reserves is unknown: nothing is hidden.
+    config.write_text("reserved: [\n")
+    unknown, said = space.listing("--config", str(config))
+    assert set(unknown) == set(everything) and "no ephemeral UDP socket hidden" in said
+    assert f"{config}:" in said  # the config's own problem, with its file and line
     # The DNS server itself (port 53) is a server.
     assert shown[53]["ephemeral"] is False
 
