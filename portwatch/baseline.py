@@ -19,20 +19,20 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
 
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from portwatch.config import ConfigError, parse_config
 from portwatch.model import MANAGER_UNIT, Listener, Process, Proto, endpoint, is_manager
 from portwatch.policy import Allow, PortRange, Rule
 from portwatch.text import escape
 
-if TYPE_CHECKING:
-    from yaml.nodes import Node
-
 # A port below this is a system port (only root may bind it by default).
 SYSTEM_PORTS = 1024
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.@:-]+")
-_PLAIN = re.compile(r"^[A-Za-z0-9_./@:+-]+$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_/][A-Za-z0-9_./@:+-]*$")  # no indicator (@ : - ...) first
 _NOT_PLAIN = re.compile(r"^(true|false|null|~|[-+.0-9].*|.*:$)$", re.IGNORECASE)
 
 
@@ -113,9 +113,10 @@ def owner_entry(process: Process, listener: Listener) -> tuple[Allow | None, boo
             return Allow(unit=_unit_pattern(listener.service_unit)), False
         return Allow(unit=_glob_escape(listener.socket_unit or MANAGER_UNIT)), False
     unit = _service(process)
-    if unit is not None:
-        return Allow(unit=_unit_pattern(unit)), False
     user = process.user if process.user is not None else (None if process.uid is None else str(process.uid))
+    if unit is not None:
+        # With its user: a user's own manager can run a unit of any name (systemd-run --user --unit=).
+        return Allow(unit=_unit_pattern(unit), user=None if user is None else _glob_escape(user)), False
     exe = process.exe.removesuffix(" (deleted)") if process.exe else None
     if exe is not None and user is not None:
         return Allow(exe=_glob_escape(exe), user=_glob_escape(user)), False
@@ -320,51 +321,71 @@ class MergeError(Exception):
 
 
 def merge(existing: str, rules: Sequence[NewRule], skipped: Sequence[str] = ()) -> str:
-    """`existing` with `rules` appended to its `reserved` list; every other byte as it was."""
+    """`existing` with `rules` added at the end of its `reserved` list, every other line as it was.
+
+    Where to add is found in the text (where the key after `reserved` starts, back over the
+    comments that belong to it), not from node positions: an alias (`allow: *admins`) has the
+    position of its anchor. The result must say all the old file said, or MergeError.
+    """
     if not rules:
         return existing
-    import yaml  # noqa: PLC0415 (only a merge composes the old file's nodes)
-    from yaml.nodes import MappingNode, ScalarNode, SequenceNode  # noqa: PLC0415
+    documents = len(re.findall(r"^---", existing, re.MULTILINE))
+    if re.search(r"^\.\.\.", existing, re.MULTILINE) or documents > 1:
+        raise MergeError("it ends a YAML document (... or a second ---): add the rules by hand")
+    text = existing if not existing or existing.endswith("\n") else existing + "\n"
+    block = rules_yaml(rules) + "".join(comment(line) + "\n" for line in skipped)
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    pairs = root.value if isinstance(root, MappingNode) and not root.flow_style else None
+    if root is not None and pairs is None:
+        raise MergeError("its top level is not a block mapping")
+    keys = [key.value for key, _ in pairs or ()]
+    if "reserved" not in keys:
+        merged = text + "\nreserved:\n" + block
+    else:
+        index = keys.index("reserved")
+        key, value = (pairs or [])[index]
+        following = (pairs or [])[index + 1][0].start_mark.line if index + 1 < len(keys) else None
+        merged = _added(text, key, value, following, block)
+    try:
+        before, after = parse_config(existing, "old"), parse_config(merged, "old")
+    except ConfigError as exc:
+        raise MergeError(f"the result would not be valid ({exc.problems[0]})") from None
+    kept = after.reserved[: len(before.reserved)]
+    if kept != before.reserved or replace(after, reserved=before.reserved) != before:
+        raise MergeError("adding to it would change what its rules or settings say")
+    return merged
 
-    root = yaml.compose(existing, Loader=yaml.SafeLoader)
-    lines = existing.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    notes = "".join(comment(line) + "\n" for line in skipped)
-    reserved = None
-    if isinstance(root, MappingNode):
-        reserved = next((value for key, value in root.value if key.value == "reserved"), None)
-    if reserved is None or (isinstance(reserved, ScalarNode) and reserved.value in ("", "~", "null")):
-        if reserved is not None:  # `reserved:` with nothing after it
-            at = reserved.start_mark.line  # the key's line: the (empty) value starts there
-            lines.insert(at + 1, rules_yaml(rules) + notes)
-            return "".join(lines)
-        if not (isinstance(root, MappingNode) or (isinstance(root, ScalarNode) and root.tag.endswith(":null"))
-                or root is None):
-            raise MergeError("the top level is not a mapping")
-        return "".join(lines) + "\nreserved:\n" + rules_yaml(rules) + notes
-    if not isinstance(reserved, SequenceNode):
+
+def _added(text: str, key: Node, value: Node, following: int | None, block: str) -> str:
+    """`text` with `block` (rules at indent 2) added to the `reserved` value `value`."""
+    lines = text.splitlines(keepends=True)
+    if isinstance(value, ScalarNode) and value.tag.endswith(":null"):  # `reserved:`, `reserved: ~`
+        start, end = value.start_mark.index, value.end_mark.index
+        text = text[:start] + text[end:]
+        lines = text.splitlines(keepends=True)
+        lines.insert(key.start_mark.line + 1, block)
+        return "".join(lines)
+    if not isinstance(value, SequenceNode):
         raise MergeError("reserved is not a list")
-    if reserved.flow_style:
-        if reserved.value:
+    if value.flow_style:
+        if value.value:
             raise MergeError("reserved is a flow list ([...]): write it as a block list to add to it")
-        start, end = reserved.start_mark.index, reserved.end_mark.index
-        return existing[:start].rstrip(" ") + "\n" + rules_yaml(rules) + notes + existing[end:].lstrip(" ")
-    first = reserved.value[0]
-    dash = lines[first.start_mark.line].rfind("-", 0, first.start_mark.column)
-    last = _deepest_last(reserved)
-    # After the line the last item's last value ends on: a comment after the list stays where it is.
-    at = last.end_mark.line + (1 if last.end_mark.column > 0 else 0)
-    lines.insert(at, "\n" + rules_yaml(rules, indent=max(dash, 0)).rstrip("\n") + "\n" + notes)
+        start, end = value.start_mark.index, value.end_mark.index
+        return text[:start].rstrip(" ") + "\n" + block + text[end:].lstrip(" ")
+    # The first item's dash, found in the text: its node may be an alias.
+    dash = next(len(line) - len(line.lstrip(" ")) for line in lines[key.start_mark.line + 1:]
+                if line.lstrip(" ").startswith("-"))
+    at = following if following is not None else len(lines)
+    while at > key.start_mark.line + 1 and (not lines[at - 1].strip() or lines[at - 1].lstrip()[0] == "#"):
+        at -= 1  # a comment before the next key is that key's
+    lines.insert(at, "\n" + _indented(block, dash))
     return "".join(lines)
 
 
-def _deepest_last(node: Node) -> Node:
-    """The node that ends a block collection's text: its last value, all the way down."""
-    from yaml.nodes import MappingNode, SequenceNode  # noqa: PLC0415
-
-    while isinstance(node, MappingNode | SequenceNode) and node.value and not node.flow_style:
-        item = node.value[-1]
-        node = item[1] if isinstance(node, MappingNode) else item
-    return node
-
+def _indented(block: str, indent: int) -> str:
+    """`block` (made at indent 2) moved to `indent`."""
+    if indent == 2:
+        return block
+    pad = " " * indent
+    lines = block.splitlines(keepends=True)
+    return "".join(pad + line[2:] if line.startswith("  ") else line for line in lines)

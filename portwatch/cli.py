@@ -42,6 +42,7 @@ from portwatch.text import escape
 from portwatch.walk import Walk
 
 if TYPE_CHECKING:
+    from portwatch.baseline import Baseline
     from portwatch.config import Config
     from portwatch.namespaces import Namespaces
     from portwatch.policy import PortRange
@@ -269,6 +270,8 @@ def _policy_commands(view: Maker, command: Maker) -> None:
                        help="read the journal files in DIR (one copied from another host)")
     where.add_argument("--file", metavar="FILE", action="append",
                        help="read this journal file (may be given more than once)")
+    p_history.add_argument("--machine", metavar="ID", help="only the entries of this machine (its "
+                           "/etc/machine-id): a journal directory from systemd-journal-remote holds many")
     p_history.add_argument(
         "--unit", default="portwatch.service",
         help="the unit the daemon runs as (default portwatch.service): only its entries are read, "
@@ -513,55 +516,37 @@ def _load(path: str | None) -> Config | None:
 
 def _baseline(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     """A config reserving the chosen listeners' ports for their owners, or the new ones added to --config."""
-    from datetime import UTC, datetime  # noqa: PLC0415 (this command only)
-
-    from portwatch import baseline  # noqa: PLC0415
+    from portwatch import baseline  # noqa: PLC0415 (this command only)
     from portwatch.config import ConfigError, parse_config  # noqa: PLC0415
 
     existing = _load(args.config) if args.config else None
     if args.config and existing is None:
         return ExitStatus.CONFIG_ERROR
     listeners, unread = _host_listeners(procfs, lister, (Proto.TCP, Proto.UDP))
-    clients = _ephemeral(procfs, listeners)
-    chosen = [x for x in listeners if baseline.wanted(x, args.ports, args.all)
-              and (x.socket.inode not in clients or args.ports is not None)]
-    left_out: list[str] = []
-    if existing is not None:
-        for proto in sorted({x.socket.proto for x in chosen} - existing.protocols):
-            ports = sorted({x.socket.port for x in chosen if x.socket.proto is proto})
-            left_out.append(f"{proto} ports {', '.join(map(str, ports))}: protocols in {args.config} "
-                            f"does not include {proto}; not reserved")
-        chosen = [x for x in chosen if x.socket.proto in existing.protocols]
+    chosen, left_out = _chosen(args, listeners, _ephemeral(procfs, listeners), existing)
     made = baseline.build(
         chosen, taken_names=[r.name for r in existing.reserved] if existing else (),
         covered=(lambda proto, port: existing.rule_for(proto, port) is not None) if existing else None,
     )
     skipped = [*left_out, *made.skipped]
-    if existing is not None:
-        with open(args.config, encoding="utf-8", errors="surrogateescape") as f:  # noqa: PTH123
-            before = f.read()
-        try:
-            text = baseline.merge(before, made.rules, skipped)
-        except baseline.MergeError as exc:
-            sys.stderr.write(f"portwatch: cannot add rules to {escape(args.config)}: {exc}\n")
-            return ExitStatus.CONFIG_ERROR
-    else:
-        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        text = baseline.config_text(made, host=os.uname().nodename, when=when)
     try:
+        text = _baseline_text(args, made, skipped)
         parse_config(text, args.output or "<baseline>")
+    except baseline.MergeError as exc:
+        sys.stderr.write(f"portwatch: cannot add rules to {escape(args.config)}: {exc}\n")
+        return ExitStatus.CONFIG_ERROR
     except ConfigError as exc:  # a bug: never hand out a config the daemon would refuse
         sys.stderr.write(f"portwatch: the config made is invalid, not written: {exc.problems[0]}\n")
         return ExitStatus.SOFTWARE
-    for new in made.rules:
-        rule = new.rule
-        verb = "added" if existing is not None else "reserved"
+    verb = "added" if existing is not None else "reserved"
+    for rule in (new.rule for new in made.rules):
         sys.stderr.write(escape(f"portwatch: {verb} rule {rule.name}: {rule.proto} "
                                 f"{', '.join(map(str, rule.ports))}") + "\n")
     for line in skipped:
         sys.stderr.write(f"portwatch: {escape(line)}\n")
-    if existing is not None and not made.rules:
-        sys.stderr.write(f"portwatch: nothing to add: {escape(args.config)} reserves every chosen port\n")
+    if not made.rules:
+        sys.stderr.write(f"portwatch: nothing to add: {escape(args.config)} reserves every chosen port\n"
+                         if existing is not None else "portwatch: no port chosen could be reserved\n")
     if args.output:
         _write_atomically(args.output, text)
     else:
@@ -569,12 +554,55 @@ def _baseline(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) ->
     return _incomplete(unread) if unread else ExitStatus.OK
 
 
+def _chosen(args: argparse.Namespace, listeners: list[Listener], clients: set[int], existing: Config | None
+            ) -> tuple[list[Listener], list[str]]:
+    """The listeners `baseline` makes rules for, and why chosen ones were left out (for the file).
+    The ports the default leaves out are counted on stderr."""
+    from portwatch.baseline import wanted  # noqa: PLC0415
+
+    chosen = [x for x in listeners if wanted(x, args.ports, args.all)
+              and (x.socket.inode not in clients or args.ports is not None)]
+    taken = {(x.socket.proto, x.socket.port) for x in chosen}
+    others = {(x.socket.proto, x.socket.port) for x in listeners if x.socket.inode not in clients} - taken
+    if others and args.ports is None and not args.all:
+        sys.stderr.write(f"portwatch: {len(others)} other port{'s' * (len(others) > 1)} (1024 and above, "
+                         "held outside systemd services) left out: --all or --ports takes them\n")
+    unnamed = {x.socket.port for x in listeners if x.socket.inode in clients} - {port for _, port in taken}
+    if unnamed:
+        sys.stderr.write(f"portwatch: {len(unnamed)} UDP socket{'s' * (len(unnamed) > 1)} on the kernel's "
+                         "client ports (ip_local_port_range) left out as clients'; --ports takes a "
+                         "server's\n")
+    left_out: list[str] = []
+    if existing is not None:
+        for proto in sorted({x.socket.proto for x in chosen} - existing.protocols):
+            ports = sorted({x.socket.port for x in chosen if x.socket.proto is proto})
+            left_out.append(f"{proto} ports {', '.join(map(str, ports))}: protocols in {args.config} "
+                            f"does not include {proto}; not reserved")
+        chosen = [x for x in chosen if x.socket.proto in existing.protocols]
+    return chosen, left_out
+
+
+def _baseline_text(args: argparse.Namespace, made: Baseline, skipped: list[str]) -> str:
+    """The whole config made, or --config's file with the new rules added (MergeError)."""
+    from datetime import UTC, datetime  # noqa: PLC0415 (this command only)
+
+    from portwatch.baseline import config_text, merge  # noqa: PLC0415
+
+    if args.config:
+        with open(args.config, encoding="utf-8", errors="surrogateescape") as f:  # noqa: PTH123
+            return merge(f.read(), made.rules, skipped)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return config_text(made, host=os.uname().nodename, when=when)
+
+
 def _write_atomically(path: str, text: str) -> None:
-    """Replace `path` with `text` in one rename; its mode is kept (0644 for a new file)."""
+    """Replace `path` (the file a symbolic link names) with `text` in one rename; its mode is kept
+    (0644 for a new file)."""
     import tempfile  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    directory = Path(path).absolute().parent
+    path = str(Path(path).resolve())
+    directory = Path(path).parent
     try:
         mode = Path(path).stat().st_mode & 0o7777
     except FileNotFoundError:
@@ -603,6 +631,15 @@ def _explain(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> 
         protocols: tuple[Proto, ...] = (Proto.UDP,) if args.udp else (Proto.TCP,)
     else:
         protocols = tuple(sorted(config.protocols))
+    unwatched = sorted(set(protocols) - config.protocols)
+    if unwatched:
+        sys.stderr.write(f"portwatch: {', '.join(unwatched)} is not in the config's protocols: the daemon "
+                         "does not watch it, and would judge none of these\n")
+    elsewhere = sorted({rule.netns for rule in config.reserved if rule.netns not in (None, "host")})
+    if elsewhere and config.netns == "all":
+        names = ", ".join(map(escape, elsewhere))
+        sys.stderr.write(f"portwatch: rules for other network namespaces ({names}) are not judged here: "
+                         "explain reads portwatch's own namespace only\n")
     listeners, unread = _host_listeners(procfs, lister, protocols)
     if args.port is not None:
         listeners = [x for x in listeners if x.socket.port == args.port]

@@ -4,7 +4,9 @@ The daemon already writes every change it sees as an entry with PORTWATCH_* fiel
 reading those back answers "who held 8080 on Tuesday at 03:00" with no store of its
 own. Only entries that journald itself attributes to the daemon's unit are read: any
 local process can write PORTWATCH_* fields (or SYSLOG_IDENTIFIER=portwatch), but
-`_SYSTEMD_UNIT` is set by journald from the sender's cgroup and cannot be forged.
+`_SYSTEMD_UNIT` is set by journald from the sender's cgroup and cannot be forged locally (in a
+journal received from another host it is what that host's journald sent). Entries of more
+than one machine (a systemd-journal-remote directory) are not mixed: --machine picks one.
 
 Everything but `command` is pure: `parse_entry` (journalctl's JSON to an Entry),
 `timeline` and `rows` / `entry_json` (the table and --json), `At` (the listeners
@@ -66,6 +68,8 @@ class Entry(NamedTuple):
     unit: str | None  # _SYSTEMD_UNIT, which journald sets itself
     boot: str | None
     cursor: str | None
+    machine: str | None = None  # _MACHINE_ID: a directory from systemd-journal-remote holds many
+    host: str | None = None  # _HOSTNAME, to name the machine in a message
 
 
 # -- reading journalctl's JSON ----------------------------------------------------------------
@@ -113,7 +117,8 @@ def parse_entry(obj: Mapping[str, Any]) -> Entry | None:
                 name = key[len(_PREFIX):].lower()
                 fields[name] = typed(name, text)
     return Entry(int(stamp), event, fields, field_text(obj.get("_SYSTEMD_UNIT")),
-                 field_text(obj.get("_BOOT_ID")), field_text(obj.get("__CURSOR")))
+                 field_text(obj.get("_BOOT_ID")), field_text(obj.get("__CURSOR")),
+                 field_text(obj.get("_MACHINE_ID")), field_text(obj.get("_HOSTNAME")))
 
 
 def unit_name(text: str) -> str:
@@ -121,18 +126,34 @@ def unit_name(text: str) -> str:
     return text if "." in text else f"{text}.service"
 
 
-def match_groups(unit: str, port: int | None, proto: str | None) -> list[list[str]]:
+def match_groups(unit: str, port: int | None, proto: str | None, machine: str | None = None
+                 ) -> list[list[str]]:
     """journalctl's matches: the port events of `port`/`proto` and the lifecycle events, each
-    only from `unit` as journald attributes it. A conflict whose failure named no protocol has
-    no PROTO field, so conflicts are matched on the port alone (`wanted` checks the protocol)."""
-    trusted = f"_SYSTEMD_UNIT={unit}"
+    only from `unit` as journald attributes it (and from `machine`, when given). A conflict whose
+    failure named no protocol has no PROTO field, so conflicts are matched on the port alone
+    (`wanted` checks the protocol)."""
+    trusted = [f"_SYSTEMD_UNIT={unit}", *([f"_MACHINE_ID={machine}"] if machine is not None else [])]
     where = [f"{_PREFIX}PORT={port}"] if port is not None else []
-    changes = [trusted, *(f"{_PREFIX}EVENT={e}" for e in PORT_EVENTS if e != "port_conflict"), *where]
-    conflicts = [trusted, f"{_PREFIX}EVENT=port_conflict", *where]
+    changes = [*trusted, *(f"{_PREFIX}EVENT={e}" for e in PORT_EVENTS if e != "port_conflict"), *where]
+    conflicts = [*trusted, f"{_PREFIX}EVENT=port_conflict", *where]
     if proto is not None:
         changes.append(f"{_PREFIX}PROTO={proto}")
-    lifecycle = [trusted, *(f"{_PREFIX}EVENT={e}" for e in LIFECYCLE_EVENTS)]
+    lifecycle = [*trusted, *(f"{_PREFIX}EVENT={e}" for e in LIFECYCLE_EVENTS)]
     return [changes, conflicts, lifecycle]
+
+
+def machines(entries: Iterable[Entry]) -> dict[str, str | None]:
+    """The machines the entries come from (_MACHINE_ID -> _HOSTNAME)."""
+    return {e.machine: e.host for e in entries if e.machine is not None}
+
+
+def mixed(seen: Mapping[str, str | None]) -> str | None:
+    """One line when the entries come from more than one machine, whose sockets and boots are
+    not one story (a directory systemd-journal-remote fills holds every sender's files)."""
+    if len(seen) < 2:
+        return None
+    names = ", ".join(f"{escape(host or '?')} {machine}" for machine, host in sorted(seen.items()))
+    return f"the journal holds portwatch's entries of {len(seen)} machines ({names}): pick one with --machine"
 
 
 def wanted(entry: Entry, unit: str, port: int | None, proto: str | None) -> bool:
@@ -435,7 +456,7 @@ def command(args: argparse.Namespace) -> int:
     unit = unit_name(args.unit)
     port: int | None = args.port
     proto = "udp" if args.udp else ("tcp" if port is not None else None)
-    reader = JournalRead(match_groups(unit, port, proto), since=args.since,
+    reader = JournalRead(match_groups(unit, port, proto, args.machine), since=args.since,
                          until=args.at if args.at is not None else args.until,
                          directory=args.directory, files=args.file or ())
     what = f"{proto} port {port}" if port is not None else (f"{proto} ports" if proto else "ports")
@@ -451,6 +472,9 @@ def command(args: argparse.Namespace) -> int:
 
 
 def _timeline(args: argparse.Namespace, reader: JournalRead, found: list[Entry], what: str, unit: str) -> int:
+    if (line := mixed(machines(found))) is not None:
+        sys.stderr.write(f"portwatch: {line}\n")
+        return ExitStatus.USAGE
     shown = timeline(found)
     if args.json:
         print_json([entry_json(e) for e in shown])
@@ -466,9 +490,14 @@ def _timeline(args: argparse.Namespace, reader: JournalRead, found: list[Entry],
 
 
 def _at(args: argparse.Namespace, reader: JournalRead, found: Iterator[Entry], what: str, unit: str) -> int:
-    state = At()
+    state, seen = At(), {}
     for entry in found:
         state.feed(entry)
+        if entry.machine is not None:
+            seen[entry.machine] = entry.host
+    if (line := mixed(seen)) is not None:
+        sys.stderr.write(f"portwatch: {line}\n")
+        return ExitStatus.USAGE
     state.finish()
     held = state.listeners()
     if args.json:

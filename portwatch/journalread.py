@@ -185,13 +185,14 @@ def journal_files(directory: str | None, files: Sequence[str], roots: Sequence[s
     missing or not listable: journalctl's own error says more).
 
     --file: each path (a glob is left to journalctl). --directory: its *.journal files and
-    those of its machine-id subdirectories, as journalctl looks. Neither: the same in each
-    of `roots`.
+    those of its machine-id subdirectories, as journalctl looks. Neither: this machine's
+    subdirectory of each of `roots` (journalctl reads another machine's only with --merge).
     """
     if files:
         plain = [path for path in files if not any(c in path for c in "*?[")]
         return plain if len(plain) == len(files) else None
     found: list[str] = []
+    local = _machine_id()
     for top in [directory] if directory is not None else roots:
         try:
             children = list(Path(top).iterdir())
@@ -202,10 +203,17 @@ def journal_files(directory: str | None, files: Sequence[str], roots: Sequence[s
         for child in children:
             if _is_journal(child.name):
                 found.append(str(child))
-            elif child.is_dir():
+            elif child.is_dir() and (directory is not None or local in (None, child.name)):
                 with contextlib.suppress(OSError):
                     found += [str(p) for p in child.iterdir() if _is_journal(p.name)]
     return found
+
+
+def _machine_id() -> str | None:
+    try:
+        return Path("/etc/machine-id").read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None  # then every machine's directory counts
 
 
 def _is_journal(name: str) -> bool:

@@ -72,7 +72,10 @@ def test_rules_allow_exactly_todays_owners() -> None:
     assert set(by_name) == {"nginx", "ssh", "greet", "srv-8080", "java-9000", "unbound-udp", "systemd"}
     assert by_name["systemd"].allow[0].unit == "init.scope"
     assert [str(r) for r in by_name["nginx"].ports] == ["80", "443"]
-    assert [(a.unit, a.exe, a.user, a.comm) for a in by_name["nginx"].allow] == [("nginx.service", None, None, None)]
+    # A unit with its user: a user's own manager can name a unit anything.
+    assert [(a.unit, a.exe, a.user, a.comm) for a in by_name["nginx"].allow] == [("nginx.service", None, "www", None)]
+    impostor = _listener(443, _process(60, "nginx", "/usr/sbin/nginx", "nginx.service", "mallory", 1000))
+    assert evaluate(by_name["nginx"], impostor) is not None
     assert by_name["ssh"].allow[0].unit == "ssh.service"
     assert by_name["greet"].allow[0].unit == "greet@*.service"
     (app,) = by_name["srv-8080"].allow
@@ -83,7 +86,7 @@ def test_rules_allow_exactly_todays_owners() -> None:
     assert "2049" not in json.dumps([str(p) for r in config.reserved for p in r.ports])
     assert "# tcp port 2049: its holder is unknown (permission_denied); not reserved" in text
     assert "# tcp *:80, [::]:80: nginx[10,11] /usr/sbin/nginx user www unit nginx.service\n" in text
-    assert "# the executable was unreadable" not in text and "a comm (the name a process gives itself)" in text
+    assert "# tcp port 9000: the executable was unreadable, so a comm (the name a process gives itself)" in text
     # Nothing a process calls itself can end a comment and start a key.
     assert "\n- name: x" not in text and "evil\\n- name: x\\x1b[2J" in text
     # The daemon's own judgement: every listener the rules cover is allowed as it is.
@@ -98,7 +101,8 @@ def test_rules_allow_exactly_todays_owners() -> None:
 
 
 def test_scalars_read_back_exactly() -> None:
-    for text in ("nginx.service", "true", "null", "0755", "22", "a: b", "-x", "#x", "\udcff\n'\"", "ü", "x:"):
+    for text in ("nginx.service", "true", "null", "0755", "22", "a: b", "-x", "#x", "\udcff\n'\"", "ü", "x:", "@x",
+                 "`x", ":x", "%x", "!x", "&x", "*x", "x #y"):
         config = f"reserved:\n  - name: n\n    ports: [1]\n    allow:\n      - exe: {scalar(text)}\n"
         assert parse_config(config, "t").reserved[0].allow[0].exe == text
 
@@ -127,20 +131,47 @@ def test_merge_keeps_every_byte_and_adds_only_new_ports() -> None:
     assert more.rules == [] and merge(merged, more.rules, more.skipped) == merged
 
 
-@pytest.mark.parametrize("existing", ["interval: 2\n", "", "# only a comment\n", "reserved: []\nhooks: {}\n",
-                                      "reserved:\n# none yet\nhooks: {}\n",
-                                      "reserved:\n    -   name: a\n        ports: [1]\n    # the end\nhooks: {}\n"])
+ALIASED = """\
+hooks:
+  page: {command: [/bin/true]}
+reserved:
+  - name: a
+    ports: [1]
+    allow: &admins
+      - user: root
+    hooks: [page]
+  - name: b
+    ports: [2]
+    allow: *admins
+# hooks for the next key
+interval: 2
+"""
+
+
+@pytest.mark.parametrize("existing", [
+    "interval: 2\n", "", "# only a comment\n", "reserved: []\nhooks: {}\n", "reserved:\n# none yet\nhooks: {}\n",
+    "reserved: ~\n", "reserved: null  # none yet\ninterval: 2\n", "reserved:\n", "---\ninterval: 2",
+    "reserved:\n    -   name: a\n        ports: [1]\n    # the end\nhooks: {}\n", ALIASED,
+])
 def test_merge_into_each_shape_of_reserved(existing: str) -> None:
     made = build(LISTENERS[:3])
     merged = merge(existing, made.rules)
-    config = parse_config(merged, "merged.yaml")
-    assert config.reserved[-1].name == "nginx"
-    assert "hooks: {}" not in existing or config.hooks == {}
+    config, before = parse_config(merged, "merged.yaml"), parse_config(existing, "merged.yaml")
+    assert [r.name for r in config.reserved] == [*(r.name for r in before.reserved), "nginx"]
+    assert config.reserved[: len(before.reserved)] == before.reserved and config.hooks == before.hooks
+    assert config.interval == before.interval
 
 
-def test_merge_refuses_a_flow_list_it_would_have_to_rewrite() -> None:
-    with pytest.raises(MergeError, match="flow list"):
-        merge("reserved: [{name: a, ports: [1]}]\n", build(LISTENERS[:1]).rules)
+@pytest.mark.parametrize(("existing", "why"), [
+    ("reserved: [{name: a, ports: [1]}]\n", "flow list"),
+    ("{interval: 2}\n", "not a block mapping"),
+    ("~\n", "not a block mapping"),
+    ("interval: 2\n...\n", "ends a YAML document"),
+    ("reserved: 7\n", "not a list"),
+])
+def test_merge_refuses_what_it_would_have_to_rewrite(existing: str, why: str) -> None:
+    with pytest.raises(MergeError, match=why):
+        merge(existing, build(LISTENERS[:1]).rules)
 
 
 # --- live, in the systemd sandbox -------------------------------------------------------------
@@ -227,10 +258,10 @@ def test_baseline_check_run_then_a_squatter(scene: Scene) -> None:
     assert done.stdout == "" and config.stat().st_mode & 0o777 == 0o644
     assert f"reserved rule bl-web: tcp {ports['web']}" in done.stderr
     rules = _rules(config)
-    assert rules[ports["web"]]["allow"] == [{"unit": "bl-web.service"}]  # parent and both workers
+    assert rules[ports["web"]]["allow"] == [{"unit": "bl-web.service", "user": "root"}]  # parent and workers
     assert rules[ports["act"]]["allow"] == [{"unit": "bl-act.service"}]  # systemd holds it for bl-act.socket
     if (solo_unit or "").endswith(".service"):
-        assert rules[ports["solo"]]["allow"] == [{"unit": solo_unit}]
+        assert rules[ports["solo"]]["allow"] == [{"unit": solo_unit, "user": "root"}]
     else:
         assert rules[ports["solo"]]["allow"] == [{"exe": who[0]["processes"][0]["exe"], "user": "root"}]
     assert scene.portwatch("check", "--config", str(config)).stdout == "ok\n"
@@ -263,7 +294,7 @@ def test_baseline_check_run_then_a_squatter(scene: Scene) -> None:
     sandbox.systemctl("stop", "bl-web.service")
     _squatter_is_reported(sandbox, invocation, ports["web"], "bl-web")
 
-    # Merging into the file it made: nothing new, the file unchanged; a new port is added.
+    # Merging into the file it made: nothing new, and the file is left as it was.
     before = config.read_text()
     again = scene.portwatch("baseline", "--ports", chosen, "--config", str(config), "-o", str(config))
     assert again.returncode == 0 and "nothing to add" in again.stderr and config.read_text() == before

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from portwatch import ephemeral
 from portwatch.config import load_config
 from portwatch.daemon import Daemon
 from portwatch.hooks import HookRunner
@@ -410,3 +411,39 @@ def test_events_wait_for_a_coming_early_look_and_a_process_gone_by_then_costs_no
     finally:
         sel.close()
         events.close()
+
+
+@pytest.mark.parametrize("setting", ["hide", "show"])
+def test_clients_udp_sockets_are_said_only_when_shown_or_reserved(world: World, setting: str) -> None:
+    """This machine's ephemeral range decides (probed, not assumed): a UDP socket on a client port
+    is in no listener event unless udp_ephemeral: show, or a rule names the port; a server's is."""
+    ports, problem = ephemeral.read()
+    assert ports is not None, problem
+    client_port, named_port = ports.first, ports.first + 1
+    text = (CONFIG + f"udp_ephemeral: {setting}\n").replace("reserved:\n", f"""reserved:
+  - name: mine
+    proto: udp
+    ports: [{named_port}]
+    allow:
+      - comm: sshd
+""", 1)
+    world.config_path.write_text(text)
+    daemon, scanner, events, _ = world.daemon()
+
+    def udp(inode: int, port: int) -> Listener:
+        return Listener(Socket(Proto.UDP, 4, "0.0.0.0", port, inode, 0), (SSHD,))
+
+    server = udp(3, 53) if 53 not in ports else udp(3, ports.last + 1)
+    scanner.then(udp(1, client_port), udp(2, named_port), server)
+    daemon.start()
+    said = {f["port"]: f for name, f in events.all if name == "listener_opened"}
+    assert said[named_port]["rule"] == "mine" and said[named_port]["ephemeral"] is True
+    assert "ephemeral" not in said[server.socket.port]
+    if setting == "hide":
+        assert client_port not in said
+    else:
+        assert said[client_port]["ephemeral"] is True and said[client_port]["at_startup"] is True
+    scanner.then(udp(2, named_port), server)  # the client's socket closes
+    daemon.tick()
+    closed = [f["port"] for name, f in events.all if name == "listener_closed"]
+    assert closed == ([] if setting == "hide" else [client_port])

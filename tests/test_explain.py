@@ -135,3 +135,17 @@ def test_a_bad_config_is_78_with_its_line(tmp_path: Path) -> None:
     done = run_cli("explain", "--config", str(bad))
     assert done.returncode == 78 and done.stdout == ""
     assert done.stderr.startswith(f"{bad}:3: reserved[0].ports[0]: port 99999 is outside 1-65535")
+
+
+def test_what_it_does_not_judge_is_said(tmp_path: Path) -> None:
+    """A protocol the config does not watch, and rules for other network namespaces: named on
+    stderr, as explain reads only portwatch's own namespace."""
+    config = tmp_path / "pw.yaml"
+    config.write_text("protocols: [tcp]\nreserved:\n  - name: web\n    ports: [8080]\n    netns: \"web*\"\n")
+    done = run_cli("explain", "53", "--udp", "--config", str(config))
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    assert "udp is not in the config's protocols" in done.stderr
+    assert "rules for other network namespaces (web*) are not judged here" in done.stderr
+    quiet = tmp_path / "quiet.yaml"
+    quiet.write_text("reserved:\n  - name: web\n    ports: [8080]\n")
+    assert "not judged" not in run_cli("explain", "--config", str(quiet)).stderr

@@ -34,7 +34,9 @@ from portwatch.history import (
     Entry,
     entry_json,
     field_text,
+    machines,
     match_groups,
+    mixed,
     not_running,
     parse_entry,
     rows,
@@ -172,6 +174,22 @@ def test_the_journalctl_command_line() -> None:
     files = JournalRead(match_groups("x.service", None, None), until="@5", files=["a", "b"]).argv
     assert files[4:7] == ["--file=a", "--file=b", "--until=@5"]
     assert "PORTWATCH_PORT" not in " ".join(files)
+
+
+def test_one_machine_at_a_time() -> None:
+    """A directory systemd-journal-remote fills holds every sender's files: their sockets and boots
+    are not one story, so entries of two machines are refused until --machine picks one."""
+    argv = JournalRead(match_groups(UNIT, 22, "tcp", "0123abcd")).argv
+    assert argv.count("_MACHINE_ID=0123abcd") == 3  # in each OR-ed group
+    web1 = {**journalctl_json("listener_opened", at(1), port=22, proto="tcp"), "_MACHINE_ID": "aa", "_HOSTNAME": "web1"}
+    db1 = {**journalctl_json("listener_opened", at(2), port=22, proto="tcp"), "_MACHINE_ID": "bb",
+           "_HOSTNAME": "db\x1b1"}
+    one = [e for e in map(parse_entry, [web1, web1]) if e is not None]
+    assert machines(one) == {"aa": "web1"} and mixed(machines(one)) is None
+    both = [e for e in map(parse_entry, [web1, db1]) if e is not None]
+    line = mixed(machines(both))
+    assert line is not None and "2 machines" in line and "web1 aa" in line and "db\\x1b1 bb" in line
+    assert "--machine" in line
 
 
 # -- pure: the timeline ------------------------------------------------------------------------------
