@@ -1,17 +1,18 @@
 """A policy from what listens now: one reserved rule per port, or per unit holding several. Pure.
 
 Each rule allows today's owners as precisely as can be trusted: the systemd
-service (for a socket unit's port, the service it starts, which also allows
-systemd holding the socket for it), else the executable and the user. A comm
+service with its user (a user's own manager can give a unit any name; for a socket
+unit's port, the service it starts, which also allows systemd holding the socket
+for it), else the executable and the user. A comm
 is what a process calls itself, so it is used only where the executable
 cannot be read, and the comment says so. A port nobody could be seen holding
 (a kernel socket, or owners hidden from this user) gets no rule: the daemon
 would report it taken by an unidentified process at once.
 
-Process fields are attacker data. In the YAML they are always quoted scalars
-(JSON strings, which YAML reads as double-quoted ones) and, as glob patterns,
-have `*?[` escaped; in comments they are escaped so a newline cannot end the
-comment and start a key.
+Process fields are attacker data. In the YAML a value is plain only when it reads
+back exactly, else a JSON string (which YAML reads as a double-quoted one); as glob
+patterns they have `*?[` bracketed; in comments they are escaped so a newline
+cannot end the comment and start a key.
 """
 
 from __future__ import annotations
