@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 from portwatch import DEFAULT_CONFIG, __version__
 from portwatch.access import advice
 from portwatch.activation import Unavailable, UnitCache, match
-from portwatch.model import Listener, NetNs, Proto, is_manager, on_host
+from portwatch.model import Listener, NetNs, Proto, is_manager
 from portwatch.output import ExitStatus, print_json, print_table, terminal_columns
 from portwatch.proc import ProcFS
 from portwatch.procfd import AccessDenied, ProcessGone
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from portwatch.baseline import Baseline
     from portwatch.config import Config
     from portwatch.namespaces import Namespaces
-    from portwatch.policy import PortRange
 
 
 DESCRIPTION = """\
@@ -437,9 +436,9 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
     listeners = units.apply(snap).sorted()
     clients = _ephemeral(procfs, listeners)
     if clients and args.command == "list" and not args.all:
-        named = _reserved_udp(args.config)
+        reserved = _reserving(args.config)
         hidden = {x.socket.inode for x in listeners if x.socket.inode in clients
-                  and named is not None and not any(x.socket.port in span for span in named)}
+                  and reserved is not None and not reserved(Proto.UDP, x.socket.port)}
         if hidden:
             listeners = [x for x in listeners if x.socket.inode not in hidden]
             _say_hidden(len(hidden), "--all shows them")
@@ -464,39 +463,42 @@ def _listeners(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister, w
 
 def _ephemeral(procfs: ProcFS, listeners: list[Listener]) -> set[int]:
     """The inodes of the ephemeral UDP client sockets among `listeners`."""
-    udp = Proto.UDP
-    if not any(x.socket.proto is udp for x in reversed(listeners)):  # sorted: UDP comes last
+    if not any(x.socket.proto is Proto.UDP for x in listeners):
         return set()
     from portwatch import ephemeral  # noqa: PLC0415 (only UDP listings need it)
 
-    ports, problem = ephemeral.read(procfs.root)
+    clients, problem = ephemeral.clients_here(listeners, procfs.root)
     if problem is not None:
         sys.stderr.write(f"portwatch: ephemeral UDP sockets not told apart ({problem})\n")
-    return ephemeral.clients(listeners, ports)
+    return clients
 
 
 def _say_hidden(count: int, why: str) -> None:
     sys.stderr.write(f"portwatch: {count} ephemeral UDP client socket{'s' * (count > 1)} not shown ({why})\n")
 
 
-def _reserved_udp(path: str | None) -> list[PortRange] | None:
-    """The UDP ports the config's rules reserve (--config, else /etc/portwatch.yaml when it exists);
-    None when it is invalid (said on stderr): then nothing is hidden."""
+def _reserving(path: str | None) -> Callable[[Proto, int], bool] | None:
+    """Whether a rule of the config (--config, else /etc/portwatch.yaml when it exists) names a
+    port, which `list` then never hides; None when it is invalid (said on stderr): nothing is
+    hidden. Without a config file the YAML stack is not even imported."""
     if path is None and not os.path.exists(DEFAULT_CONFIG):  # noqa: PTH110
-        return []
+        return lambda _proto, _port: False
     config = _load(path)
     if config is None:
         sys.stderr.write("portwatch: no ephemeral UDP socket hidden: which ports are reserved is unknown\n")
         return None
-    return [span for rule in config.reserved if rule.proto is Proto.UDP for span in rule.ports]
+    return config.names
 
 
-def _host_listeners(procfs: ProcFS, lister: SocketLister, protocols: tuple[Proto, ...]
-                    ) -> tuple[list[Listener], list[str]]:
-    """portwatch's own namespace's listeners, socket units named; what could not be read is said."""
+def _host_listeners(procfs: ProcFS, lister: SocketLister, protocols: tuple[Proto, ...],
+                    port: int | None = None) -> tuple[list[Listener], list[str]]:
+    """portwatch's own namespace's listeners (on `port`), socket units named; what could not be
+    read is said."""
     snap, unread = full_scan(procfs, lister, protocols, (4, 6))
+    if port is not None:  # before the socket units: only these are asked about
+        snap = snap._replace(listeners={i: x for i, x in snap.listeners.items() if x.socket.port == port})
     units = UnitCache(socket_units)
-    listeners = [x for x in units.apply(snap).sorted() if on_host(x)]
+    listeners = units.apply(snap).sorted()
     _warn_fallback(lister)
     _warn_unattributed(units.problem)
     _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
@@ -505,10 +507,17 @@ def _host_listeners(procfs: ProcFS, lister: SocketLister, protocols: tuple[Proto
 
 def _load(path: str | None) -> Config | None:
     """The config, or None when it is invalid (said on stderr, one line per problem)."""
-    from portwatch.config import ConfigError, load_config  # noqa: PLC0415 (the YAML stack: not for every view)
+    loaded = _load_text(path or DEFAULT_CONFIG)
+    return loaded[0] if loaded is not None else None
+
+
+def _load_text(path: str) -> tuple[Config, str] | None:
+    """The config and the text it was read from (one read), or None as for `_load`."""
+    from portwatch.config import ConfigError, parse_config, read_config  # noqa: PLC0415 (the YAML stack)
 
     try:
-        return load_config(path or DEFAULT_CONFIG)
+        data = read_config(path)
+        return parse_config(data, path), data.decode("utf-8", "surrogateescape")
     except ConfigError as exc:
         sys.stderr.write(f"{exc}\n")
         return None
@@ -519,9 +528,10 @@ def _baseline(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) ->
     from portwatch import baseline  # noqa: PLC0415 (this command only)
     from portwatch.config import ConfigError, parse_config  # noqa: PLC0415
 
-    existing = _load(args.config) if args.config else None
-    if args.config and existing is None:
+    loaded = _load_text(args.config) if args.config else None
+    if args.config and loaded is None:
         return ExitStatus.CONFIG_ERROR
+    existing, old_text = loaded if loaded is not None else (None, None)
     listeners, unread = _host_listeners(procfs, lister, (Proto.TCP, Proto.UDP))
     chosen, left_out = _chosen(args, listeners, _ephemeral(procfs, listeners), existing)
     made = baseline.build(
@@ -530,7 +540,7 @@ def _baseline(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) ->
     )
     skipped = [*left_out, *made.skipped]
     try:
-        text = _baseline_text(args, made, skipped)
+        text = _baseline_text(old_text, made, skipped)
         parse_config(text, args.output or "<baseline>")
     except baseline.MergeError as exc:
         sys.stderr.write(f"portwatch: cannot add rules to {escape(args.config)}: {exc}\n")
@@ -582,15 +592,14 @@ def _chosen(args: argparse.Namespace, listeners: list[Listener], clients: set[in
     return chosen, left_out
 
 
-def _baseline_text(args: argparse.Namespace, made: Baseline, skipped: list[str]) -> str:
-    """The whole config made, or --config's file with the new rules added (MergeError)."""
+def _baseline_text(old_text: str | None, made: Baseline, skipped: list[str]) -> str:
+    """The whole config made, or --config's text with the new rules added (MergeError)."""
     from datetime import UTC, datetime  # noqa: PLC0415 (this command only)
 
     from portwatch.baseline import config_text, merge  # noqa: PLC0415
 
-    if args.config:
-        with open(args.config, encoding="utf-8", errors="surrogateescape") as f:  # noqa: PTH123
-            return merge(f.read(), made.rules, skipped)
+    if old_text is not None:
+        return merge(old_text, made.rules, skipped)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return config_text(made, host=os.uname().nodename, when=when)
 
@@ -598,26 +607,16 @@ def _baseline_text(args: argparse.Namespace, made: Baseline, skipped: list[str])
 def _write_atomically(path: str, text: str) -> None:
     """Replace `path` (the file a symbolic link names) with `text` in one rename; its mode is kept
     (0644 for a new file)."""
-    import tempfile  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
 
-    path = str(Path(path).resolve())
-    directory = Path(path).parent
+    from portwatch.atomicfile import replace_file  # noqa: PLC0415
+
+    target = Path(path).resolve()
     try:
-        mode = Path(path).stat().st_mode & 0o7777
+        mode = target.stat().st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o644
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=".portwatch-", suffix=".yaml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        Path(temp).replace(path)
-    except BaseException:
-        Path(temp).unlink()
-        raise
+    replace_file(target, text.encode("utf-8", "surrogateescape"), mode, durable=True)
 
 
 def _explain(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
@@ -640,12 +639,10 @@ def _explain(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> 
         names = ", ".join(map(escape, elsewhere))
         sys.stderr.write(f"portwatch: rules for other network namespaces ({names}) are not judged here: "
                          "explain reads portwatch's own namespace only\n")
-    listeners, unread = _host_listeners(procfs, lister, protocols)
-    if args.port is not None:
-        listeners = [x for x in listeners if x.socket.port == args.port]
+    listeners, unread = _host_listeners(procfs, lister, protocols, args.port)
     clients = _ephemeral(procfs, listeners)
     hidden = [x for x in listeners
-              if x.socket.inode in clients and config.rule_for(x.socket.proto, x.socket.port) is None]
+              if x.socket.inode in clients and not config.names(x.socket.proto, x.socket.port)]
     if hidden and args.port is None:
         listeners = [x for x in listeners if x not in hidden]
         _say_hidden(len(hidden), "no rule reserves their ports")
@@ -666,13 +663,7 @@ def _why(args: argparse.Namespace, procfs: ProcFS, lister: SocketLister) -> int:
     from portwatch import bindcheck, why  # noqa: PLC0415 (only this command needs them)
 
     proto = Proto.UDP if args.udp else Proto.TCP
-    snap, unread = full_scan(procfs, lister, (proto,), (4, 6))
-    snap = snap._replace(listeners={i: x for i, x in snap.listeners.items() if x.socket.port == args.port})
-    units = UnitCache(socket_units)
-    listeners = units.apply(snap).sorted()
-    _warn_fallback(lister)
-    _warn_unattributed(units.problem)
-    _warn_unseen(procfs, snap.denied_pids, any(not x.processes for x in listeners))
+    listeners, unread = _host_listeners(procfs, lister, (proto,), args.port)
     try:
         v6only = sockdiag_v6only(proto)
     except SockDiagUnavailable as exc:

@@ -88,6 +88,10 @@ class Config:
     # "hide": no listener_opened/closed for clients' ephemeral UDP sockets (portwatch.ephemeral)
     udp_ephemeral: str = "hide"
 
+    def names(self, proto: Proto, port: int) -> bool:
+        """A rule reserves `port`, in whatever namespace: a client's socket there is never hidden."""
+        return any(rule.covers(proto, port) for rule in self.reserved)
+
     def rule_for(self, proto: Proto, port: int, netns: NetNs | None = None) -> Rule | None:
         """The rule reserving `port`/`proto` in `netns` (None: the host's); validation makes it
         unique."""
@@ -99,6 +103,11 @@ class Config:
 
 def load_config(path: str) -> Config:
     """Read `path` and parse it; every failure is a ConfigError."""
+    return parse_config(read_config(path), path)
+
+
+def read_config(path: str) -> bytes:
+    """The file's bytes, for parse_config; ConfigError when it cannot be read or is too large."""
     try:
         with open(path, "rb") as f:  # noqa: PTH123 - the one read; no pathlib in a pure module
             data = f.read(MAX_CONFIG_BYTES + 1)
@@ -106,7 +115,7 @@ def load_config(path: str) -> Config:
         raise ConfigError([f"{escape(path)}: cannot read: {e.strerror or e}"]) from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError([f"{escape(path)}: cannot read: larger than {MAX_CONFIG_BYTES} bytes"])
-    return parse_config(data, path)
+    return data
 
 
 def parse_config(text: str | bytes, path: str) -> Config:

@@ -84,6 +84,13 @@ def read(proc_root: str = "/proc") -> tuple[EphemeralPorts | None, str | None]:
         return None, f"cannot parse {proc_root}/{RANGE}: {texts[0].strip()!r}"
 
 
+def clients_here(listeners: Iterable[Listener], proc_root: str = "/proc") -> tuple[set[int], str | None]:
+    """`clients` by this namespace's range, and why the range could not be read (nothing is then
+    taken for a client's)."""
+    ports, problem = read(proc_root)
+    return clients(listeners, ports), problem
+
+
 def clients(listeners: Iterable[Listener], ports: EphemeralPorts | None) -> set[int]:
     """The inodes of the unconnected UDP sockets (the only UDP sockets listed) on ports the kernel
     hands out to clients. One pass: a view calls it on every listener of the host."""

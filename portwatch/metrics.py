@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import platform
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -39,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from portwatch import __version__
+from portwatch.atomicfile import replace_file
 from portwatch.config import MetricsSettings
 from portwatch.events import KNOWN_EVENTS
 from portwatch.gauges import DEGRADED_REASONS, Published, listener_counts, violations
@@ -174,18 +173,8 @@ class Metrics:
         if self.textfile is None or (not self._counted and now - self._written_at < TEXTFILE_REFRESH):
             return
         self._counted = False
-        path = Path(self.textfile)
         try:
-            fd, name = tempfile.mkstemp(prefix=".portwatch-", suffix=".tmp", dir=path.parent)
-            tmp = Path(name)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(generate_latest(self.registry))
-                    os.fchmod(f.fileno(), 0o644)
-                tmp.replace(path)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            replace_file(Path(self.textfile), generate_latest(self.registry), 0o644)  # node_exporter reads it
         except OSError as exc:
             self.unwritten = f"cannot write {self.textfile}: {exc.strerror or exc}"
             return

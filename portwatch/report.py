@@ -98,10 +98,7 @@ class Reporter:
     def _clients(listeners: Iterable[Listener]) -> set[int]:
         """The inodes of clients' ephemeral UDP sockets among `listeners` (portwatch.ephemeral)."""
         udp = [x for x in listeners if x.socket.proto is Proto.UDP]
-        if not udp:
-            return set()
-        ports, _ = ephemeral.read()  # unreadable: None, and nothing is taken for a client's
-        return ephemeral.clients(udp, ports)
+        return ephemeral.clients_here(udp)[0] if udp else set()
 
     def _logged(self, listener: Listener, rule: Rule | None, clients: Collection[int]) -> bool:
         """Its opening and closing are logged: its port is reserved, or log_listeners is on and it
@@ -112,7 +109,7 @@ class Reporter:
             return False
         sock = listener.socket
         return (self.config.udp_ephemeral == "show" or sock.inode not in clients
-                or any(r.covers(sock.proto, sock.port) for r in self.config.reserved))
+                or self.config.names(sock.proto, sock.port))
 
     def squatters(
         self, listeners: Iterable[Listener], *, at_startup: bool,

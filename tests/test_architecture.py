@@ -17,7 +17,7 @@ LAYERS = [
      "judge", "pace", "yamlread", "bindfail", "conflicts", "why", "netns", "gauges", "baseline", "explain",
      "ephemeral"},
     {"activation"},
-    {"procfd", "libc"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
+    {"procfd", "libc", "atomicfile"},  # procfd reads /proc/<pid>/fd importing only os (the walk starts early)
     {"proc", "sockdiag", "procconn", "hooks", "journal", "notify", "watch", "state", "sdbus", "bindcheck",
      "journalfollow", "journalread", "metrics", "output"},
     {"walk", "namespaces"},
